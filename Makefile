@@ -38,3 +38,6 @@ bench-export: $(STAMP) ## time the two ONNX graph forms per batch size
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+proto: $(STAMP) ## regenerate lstm_stream/ stubs from proto/ (committed; a test checks they are fresh)
+	cd $(CURDIR) && $(BIN)/python tools/gen_proto.py

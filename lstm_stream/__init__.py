@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs of the lstm-stream API (``make proto``)."""

@@ -1,0 +1,1 @@
+"""lstm-stream's gRPC server: session table, batcher, ONNX Runtime, metrics."""

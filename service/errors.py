@@ -1,0 +1,94 @@
+"""Errors mapped to gRPC status in one place: a decorator for unary and streaming handlers."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from service.batcher import BatcherClosed
+from service.metrics import Metrics
+from service.sessions import SessionCapError
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ServiceError(Exception):
+    """A whole-call failure with the status code and message the client should see."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a client sees for an exception; never a traceback."""
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message
+    if isinstance(exc, BatcherClosed):
+        return grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica"
+    if isinstance(exc, SessionCapError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
+
+
+def rpc(method: str) -> Callable[[F], F]:
+    """Wrap a servicer method: map exceptions to status, count and time the call.
+
+    The servicer provides ``self.metrics``. Handlers raise; only this wrapper aborts.
+    """
+
+    async def fail(metrics: Metrics, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        code, message = status_of(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("%s failed", method, exc_info=exc)
+        metrics.rpcs.labels(method, code.name).inc()
+        await context.abort(code, message)
+
+    def decorate(handler: F) -> F:
+        if inspect.isasyncgenfunction(handler):
+
+            @functools.wraps(handler)
+            async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+                try:
+                    async for response in handler(self, request, context):
+                        yield response
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await fail(self.metrics, context, exc)
+                    return
+                except BaseException:
+                    self.metrics.rpcs.labels(method, "CANCELLED").inc()
+                    raise
+                self.metrics.rpcs.labels(method, "OK").inc()
+
+            return stream  # type: ignore[return-value]
+
+        @functools.wraps(handler)
+        async def unary(self: Any, request: Any, context: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                response = await handler(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await fail(self.metrics, context, exc)
+            except BaseException:
+                self.metrics.rpcs.labels(method, "CANCELLED").inc()
+                raise
+            self.metrics.rpc_seconds.labels(method).observe(time.perf_counter() - start)
+            self.metrics.rpcs.labels(method, "OK").inc()
+            return response
+
+        return unary  # type: ignore[return-value]
+
+    return decorate

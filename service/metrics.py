@@ -1,0 +1,110 @@
+"""Prometheus metrics on an injected registry; per-event figures are recorded in bulk."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+OUTCOMES = ("applied", "duplicate", "invalid", "over_capacity", "failed", "unavailable")
+"""Event outcomes: the bounded values of the ``outcome`` label."""
+
+
+class BulkHistogram(Collector):
+    """A histogram fed whole numpy arrays at once: one ``observe_many`` per batch, not per event."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]):
+        self._name = name
+        self._doc = documentation
+        self._bounds = np.asarray(buckets, np.float64)
+        self._counts = np.zeros(len(buckets) + 1, np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe_many(self, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        # "le" buckets: a value equal to a bound belongs to that bound's bucket.
+        idx = np.searchsorted(self._bounds, values, side="left")
+        counts = np.bincount(idx, minlength=self._counts.size)
+        with self._lock:
+            self._counts += counts
+            self._sum += float(values.sum())
+
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        buckets = [(_le(b), c) for b, c in zip(self._bounds.tolist(), cumulative)]
+        buckets.append(("+Inf", cumulative[-1]))
+        family = HistogramMetricFamily(self._name, self._doc)
+        family.add_metric([], buckets, total)
+        yield family
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+class Metrics:
+    """Every metric of DESIGN.md §4, prefix ``lstm_``; labels never carry a session id."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events = Counter(
+            "lstm_events", "Events answered, by outcome.", ["outcome"], registry=r
+        )
+        self._event_counters = {o: self.events.labels(o) for o in OUTCOMES}
+        self.rpcs = Counter(
+            "lstm_rpcs", "RPCs finished, by method and gRPC status code.", ["method", "code"],
+            registry=r,
+        )
+        self.rpc_seconds = Histogram(
+            "lstm_rpc_duration_seconds", "Time to answer one call (for streams: one request).",
+            ["method"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.event_seconds = BulkHistogram(
+            "lstm_event_latency_seconds", "From a request's arrival to its event being applied.",
+            LATENCY_BUCKETS,
+        )
+        self.queue_seconds = BulkHistogram(
+            "lstm_queue_wait_seconds", "From a request's arrival to the start of its event's run.",
+            LATENCY_BUCKETS,
+        )
+        r.register(self.event_seconds)
+        r.register(self.queue_seconds)
+        self.batch_size = Histogram(
+            "lstm_batch_size", "Events per ONNX Runtime run.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference_seconds = Histogram(
+            "lstm_inference_duration_seconds", "Time of one ONNX Runtime run.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.live_sessions = Gauge("lstm_live_sessions", "Sessions in memory.", registry=r)
+        self.evictions = Counter(
+            "lstm_evictions", "Sessions evicted, by reason.", ["reason"], registry=r
+        )
+        self.active_streams = Gauge(
+            "lstm_active_streams", "Open StreamSteps calls.", registry=r
+        )
+        self.model_info = Gauge(
+            "lstm_model_info", "The loaded model (value 1).",
+            ["fingerprint", "provider", "event_size", "output_size", "source"], registry=r,
+        )
+
+    def count_events(self, outcome: str, n: int) -> None:
+        if n:
+            self._event_counters[outcome].inc(n)
+
+    def track_live_sessions(self, count: Callable[[], int]) -> None:
+        self.live_sessions.set_function(count)

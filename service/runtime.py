@@ -1,0 +1,170 @@
+"""ONNX Runtime: loads the step model, checks its I/O contract, runs batches."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+EMBEDDED_SOURCE = "embedded-default"
+
+
+class ModelContractError(ValueError):
+    """The model does not follow DESIGN.md §2 (names, dtypes, shapes)."""
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested execution provider cannot be used on this machine."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the server needs to know about a step model."""
+
+    event_size: int
+    output_size: int
+    state_names: tuple[str, ...]
+    """Inputs other than ``event``; each is fed back from output ``<name>_out``."""
+    state_sizes: tuple[int, ...]
+    source: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.metadata.get("fingerprint", "")
+
+    @property
+    def exporter_version(self) -> str:
+        return self.metadata.get("exporter_version", "")
+
+
+def load_model_bytes(path: str | None) -> tuple[bytes, str]:
+    """The model file's bytes, or the embedded default model built in memory."""
+    if path is None:
+        from model_export.default import default_model
+
+        return default_model().SerializeToString(), EMBEDDED_SOURCE
+    try:
+        with open(path, "rb") as f:
+            return f.read(), path
+    except OSError as exc:
+        raise ModelContractError(f"cannot read model {path}: {exc.strerror}") from exc
+
+
+# TF32 matmuls would cost ~1e-3 of precision; the served outputs must match float32.
+_CUDA_OPTIONS = {"use_tf32": "0"}
+
+
+def _providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if device == "cuda" and CUDA not in available:
+        raise DeviceUnavailableError(
+            "--device cuda: this onnxruntime build has no CUDA execution provider "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu on a machine with "
+            "an NVIDIA GPU, or use --device cpu / auto"
+        )
+    return [(CUDA, _CUDA_OPTIONS), CPU] if CUDA in available else [CPU]
+
+
+class Runtime:
+    """One ``InferenceSession`` for the step model; ``run`` is called from one thread at a time."""
+
+    def __init__(self, model: bytes, source: str, device: str = "auto", threads: int = 1):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        providers = _providers(device)
+        try:
+            self._session = ort.InferenceSession(model, options, providers=providers)
+        except Exception as exc:  # ORT raises several private exception types here
+            raise ModelContractError(f"ONNX Runtime cannot load {source}: {exc}") from exc
+        self.provider = self._session.get_providers()[0]
+        if device == "cuda" and self.provider != CUDA:
+            raise DeviceUnavailableError(
+                "--device cuda: the CUDA execution provider failed to initialise "
+                "(no usable NVIDIA GPU or CUDA/cuDNN libraries); see the log above"
+            )
+        self.spec = _check_contract(self._session, source)
+        self._outputs = ["output", *(f"{name}_out" for name in self.spec.state_names)]
+        log.info(
+            "model loaded: source=%s provider=%s event_size=%d output_size=%d states=%s",
+            source, self.provider, self.spec.event_size, self.spec.output_size,
+            ",".join(f"{n}[{s}]" for n, s in zip(self.spec.state_names, self.spec.state_sizes)),
+        )
+
+    def run(
+        self, event: np.ndarray, states: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One step for a batch: ``(output [B, O], new states)``; inputs are float32 rows."""
+        feeds = {"event": event}
+        feeds.update(zip(self.spec.state_names, states))
+        output, *new_states = self._session.run(self._outputs, feeds)
+        return output, new_states
+
+    def warm_up(self, max_batch: int) -> None:
+        """Run a few batch sizes so the first real request pays no allocation cost."""
+        for batch in sorted({1, min(16, max_batch), max_batch}):
+            event = np.zeros((batch, self.spec.event_size), np.float32)
+            states = [np.zeros((batch, size), np.float32) for size in self.spec.state_sizes]
+            for _ in range(2):
+                self.run(event, states)
+
+
+def _check_contract(session: ort.InferenceSession, source: str) -> ModelSpec:
+    def describe(args: Sequence[ort.NodeArg]) -> dict[str, ort.NodeArg]:
+        return {a.name: a for a in args}
+
+    inputs, outputs = describe(session.get_inputs()), describe(session.get_outputs())
+
+    def width(arg: ort.NodeArg, role: str) -> int:
+        shape = arg.shape
+        if arg.type != "tensor(float)":
+            raise ModelContractError(f"{source}: {role} '{arg.name}' is {arg.type}; expected tensor(float)")
+        if len(shape) != 2 or not isinstance(shape[1], int) or shape[1] < 1:
+            raise ModelContractError(
+                f"{source}: {role} '{arg.name}' has shape {shape}; expected [batch, n] with a fixed n"
+            )
+        if isinstance(shape[0], int):
+            raise ModelContractError(
+                f"{source}: {role} '{arg.name}' has a fixed batch dimension {shape[0]}; "
+                "expected a dynamic first dimension"
+            )
+        return int(shape[1])
+
+    if "event" not in inputs:
+        raise ModelContractError(f"{source}: no input named 'event' (inputs: {', '.join(inputs)})")
+    if "output" not in outputs:
+        raise ModelContractError(f"{source}: no output named 'output' (outputs: {', '.join(outputs)})")
+    state_names = tuple(name for name in inputs if name != "event")
+    sizes = []
+    for name in state_names:
+        size = width(inputs[name], "state input")
+        out = outputs.get(f"{name}_out")
+        if out is None:
+            raise ModelContractError(
+                f"{source}: state input '{name}' has no matching output '{name}_out'"
+            )
+        if width(out, "state output") != size:
+            raise ModelContractError(
+                f"{source}: '{name}_out' has width {out.shape[1]}; '{name}' has {size}"
+            )
+        sizes.append(size)
+    meta = session.get_modelmeta().custom_metadata_map
+    return ModelSpec(
+        event_size=width(inputs["event"], "input"),
+        output_size=width(outputs["output"], "output"),
+        state_names=state_names,
+        state_sizes=tuple(sizes),
+        source=source,
+        metadata=dict(meta),
+    )

@@ -1,0 +1,186 @@
+"""Wiring and lifecycle: model, table, batcher, gRPC server, health, metrics, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from threading import Thread
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
+from service import logs
+from service.batcher import Batcher
+from service.metrics import Metrics
+from service.runtime import DeviceUnavailableError, ModelContractError, Runtime, load_model_bytes
+from service.servicer import SERVICE_NAME, LstmStreamServicer
+from service.sessions import SessionTable
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server:
+    """One lstm-stream server: ``await start()``, then ``await stop()`` (or ``serve_forever``)."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None):
+        self.settings = settings
+        self.metrics = Metrics(registry)
+        self.port = 0
+        self.metrics_port = 0
+        self.health = health.aio.HealthServicer()
+        self.runtime: Runtime | None = None
+        self.batcher: Batcher | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._servicer: LstmStreamServicer | None = None
+        self._metrics_http: tuple[WSGIServer, Thread] | None = None
+        self._ttl_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Bind the ports, load and warm up the model, then report SERVING."""
+        await self.bind()
+        await self.load()
+
+    async def bind(self) -> None:
+        """Listen on both ports; health says NOT_SERVING and calls get UNAVAILABLE until ``load``."""
+        s = self.settings
+        await self._set_health(NOT_SERVING)
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._grpc = grpc.aio.server(options=options)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        self._servicer = LstmStreamServicer(s, self.metrics)
+        pb_grpc.add_LstmStreamServicer_to_server(self._servicer, self._grpc)
+        self.port = self._grpc.add_insecure_port(f"{_bracket(s.host)}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC port {s.host}:{s.port}")
+        httpd, thread = start_http_server(
+            s.metrics_port, addr=s.metrics_bind_host, registry=self.metrics.registry
+        )
+        self._metrics_http = (httpd, thread)
+        self.metrics_port = httpd.server_port
+        await self._grpc.start()
+
+    async def load(self) -> None:
+        """Load the model, check its contract, warm it up, then report SERVING."""
+        s = self.settings
+        assert self._servicer is not None
+        loop = asyncio.get_running_loop()
+        model, source = load_model_bytes(s.model)
+        self.runtime = await loop.run_in_executor(
+            None, lambda: Runtime(model, source, s.device, s.ort_threads)
+        )
+        await loop.run_in_executor(None, self.runtime.warm_up, s.max_batch)
+        spec = self.runtime.spec
+        table = SessionTable(spec.state_sizes, spec.output_size, s.max_sessions, s.initial_capacity)
+        self.batcher = Batcher(self.runtime, table, self.metrics, s.max_batch, s.max_session_id_bytes)
+        self.batcher.start()
+        self._servicer.attach(self.batcher)
+        self.metrics.track_live_sessions(lambda: len(table))
+        self.metrics.model_info.labels(
+            spec.fingerprint[:16], self.runtime.provider, str(spec.event_size),
+            str(spec.output_size), spec.source,
+        ).set(1)
+        if s.session_ttl > 0:
+            self._ttl_task = loop.create_task(self._evict_loop(s.session_ttl), name="ttl-eviction")
+        await self._set_health(SERVING)
+        log.info(
+            "serving on %s:%d, metrics on http://%s:%d/metrics, provider %s",
+            s.host, self.port, s.metrics_bind_host, self.metrics_port, self.runtime.provider,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, stop reading, finish in-flight work within ``grace``, close."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.grace if grace is None else grace
+        log.info("draining (grace %.1fs)", grace)
+        await self._set_health(NOT_SERVING)
+        if self._ttl_task is not None:
+            self._ttl_task.cancel()
+        if self._servicer is not None:
+            self._servicer.start_drain()
+        if self.batcher is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.batcher.drain(), grace)
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self._metrics_http is not None:
+            httpd, thread = self._metrics_http
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(timeout=5)
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _evict_loop(self, ttl: float) -> None:
+        assert self.batcher is not None
+        period = min(max(ttl / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(period)
+            self.batcher.evict_idle(ttl)
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def serve(settings: Settings) -> int:
+    server = Server(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    try:
+        await server.start()
+    except (ModelContractError, DeviceUnavailableError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        print(f"lstm-serve: {exc}", file=sys.stderr, flush=True)
+        await server.stop(0)
+        return 1
+    print(
+        f"lstm-serve: gRPC on {settings.host}:{server.port}, "
+        f"metrics on http://{settings.metrics_bind_host}:{server.metrics_port}/metrics",
+        flush=True,
+    )
+    await server.wait_stopped()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = Settings.from_args(argv)
+    logs.configure(settings.log_level, settings.log_format)
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""The gRPC servicer: converts protobuf to domain values and back, and calls the batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import onnxruntime
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from lstm_stream.v1 import lstm_stream_pb2 as pb
+from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
+from service.batcher import Batcher, BatcherClosed, EventBlock, Job
+from service.errors import ServiceError, rpc, status_of
+from service.metrics import Metrics
+from service.runtime import ModelSpec
+from service.sessions import SessionSnapshot, session_id_error
+from service.settings import Settings
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmStream"].full_name
+
+_END = object()
+_DRAIN = object()
+
+
+@dataclass
+class _Begun:
+    """A request that has been decoded and queued; its response waits on ``job.future``."""
+
+    columnar: bool
+    block: EventBlock
+    job: Job
+    started: float
+
+
+class LstmStreamServicer(pb_grpc.LstmStreamServicer):
+    spec: ModelSpec
+
+    """Registered before the model loads; answers UNAVAILABLE until ``attach`` is called."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self._batcher: Batcher | None = None
+        self._readers: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._state_index: dict[str, int] = {}
+
+    def attach(self, batcher: Batcher) -> None:
+        """Start answering: the model is loaded and warmed up."""
+        self.spec = batcher.runtime.spec
+        self._state_index = {name: i for i, name in enumerate(self.spec.state_names)}
+        self._batcher = batcher
+
+    @property
+    def batcher(self) -> Batcher:
+        if self._batcher is None:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        return self._batcher
+
+    def start_drain(self) -> None:
+        """Stop reading new requests on every stream; each ends after its answered requests."""
+        self._draining = True
+        for reader in list(self._readers):
+            reader.cancel()
+
+    # -- event RPCs --------------------------------------------------------------------
+
+    @rpc("Step")
+    async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
+        if self._draining:
+            raise BatcherClosed()
+        begun = self._begin(request)
+        await begun.job.future  # type: ignore[misc]
+        return self._response(begun)
+
+    @rpc("StreamSteps")
+    async def StreamSteps(
+        self, requests: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StepResponse]:
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        window = asyncio.Semaphore(self.settings.max_inflight)
+        reader = asyncio.get_running_loop().create_task(self._read(requests, queue, window))
+        self._readers.add(reader)
+        self.metrics.active_streams.inc()
+        timer = self.metrics.rpc_seconds.labels("StreamSteps")
+        try:
+            if self._draining:
+                reader.cancel()
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Begun):
+                    await item.job.future  # type: ignore[misc]
+                    yield self._response(item)
+                    timer.observe(time.perf_counter() - item.started)
+                elif isinstance(item, pb.StepResponse):
+                    yield item
+                elif item is _END:
+                    return
+                elif item is _DRAIN:
+                    raise BatcherClosed()
+                else:
+                    raise item  # type: ignore[misc]
+                window.release()
+        finally:
+            reader.cancel()
+            self._readers.discard(reader)
+            self.metrics.active_streams.dec()
+
+    async def _read(
+        self,
+        requests: AsyncIterator[pb.StepRequest],
+        queue: asyncio.Queue[object],
+        window: asyncio.Semaphore,
+    ) -> None:
+        """Read ahead at most ``max_inflight`` requests; past that the client feels flow control."""
+        iterator = requests.__aiter__()
+        try:
+            while True:
+                await window.acquire()
+                try:
+                    request = await iterator.__anext__()
+                except StopAsyncIteration:
+                    queue.put_nowait(_END)
+                    return
+                try:
+                    queue.put_nowait(self._begin(request))
+                except Exception as exc:  # a request rejected whole; the stream goes on
+                    code, message = status_of(exc)
+                    if code is grpc.StatusCode.INTERNAL:
+                        raise
+                    queue.put_nowait(pb.StepResponse(code=code.value[0], error=message))
+        except asyncio.CancelledError:
+            queue.put_nowait(_DRAIN)
+            raise
+        except Exception as exc:
+            queue.put_nowait(exc)
+
+    def _begin(self, request: pb.StepRequest) -> _Begun:
+        """Decode a request and queue its events; raises ServiceError for a whole-request problem."""
+        started = time.perf_counter()
+        batcher = self.batcher
+        columnar = request.HasField("batch")
+        if columnar and len(request.events):
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a StepRequest carries either events or batch, not both",
+            )
+        block = self._decode_batch(request.batch) if columnar else self._decode_events(request)
+        job = batcher.submit(block, include_state=request.include_state and not columnar)
+        return _Begun(columnar, block, job, started)
+
+    def _check_count(self, n: int) -> None:
+        limit = self.settings.max_events_per_request
+        if n > limit:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{n} events in one request; the limit is {limit} (--max-events-per-request)",
+            )
+
+    def _decode_events(self, request: pb.StepRequest) -> EventBlock:
+        events = request.events
+        n = len(events)
+        self._check_count(n)
+        e = self.spec.event_size
+        ids = [ev.session_id for ev in events]
+        seqs = np.fromiter((ev.seq for ev in events), np.uint64, n)
+        resets = np.fromiter((ev.reset for ev in events), np.bool_, n)
+        bad: dict[int, str] = {}
+        lengths = [len(ev.values) for ev in events]
+        if lengths.count(e) == n:
+            values = np.fromiter(
+                itertools.chain.from_iterable(ev.values for ev in events), np.float32, n * e
+            ).reshape(n, e)
+        else:
+            values = np.zeros((n, e), np.float32)
+            for i, (ev, length) in enumerate(zip(events, lengths)):
+                if length == e:
+                    values[i] = ev.values
+                else:
+                    bad[i] = f"event has {length} values; the model takes {e}"
+        return EventBlock(ids, values, seqs, resets, bad)
+
+    def _decode_batch(self, batch: pb.EventBatch) -> EventBlock:
+        n = len(batch.session_ids)
+        self._check_count(n)
+        e = self.spec.event_size
+        problems = []
+        if len(batch.seqs) not in (0, n):
+            problems.append(f"seqs has {len(batch.seqs)} entries; expected 0 or {n}")
+        if len(batch.resets) not in (0, n):
+            problems.append(f"resets has {len(batch.resets)} entries; expected 0 or {n}")
+        if len(batch.values) != n * e * 4:
+            problems.append(
+                f"values has {len(batch.values)} bytes; expected {n} x {e} float32 = {n * e * 4}"
+            )
+        if problems:
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, "malformed batch: " + "; ".join(problems)
+            )
+        values = np.frombuffer(batch.values, dtype="<f4").reshape(n, e)
+        seqs = np.array(batch.seqs, np.uint64) if len(batch.seqs) else np.zeros(n, np.uint64)
+        resets = np.array(batch.resets, np.bool_) if len(batch.resets) else np.zeros(n, np.bool_)
+        return EventBlock(batch.session_ids, values, seqs, resets, {})
+
+    def _response(self, begun: _Begun) -> pb.StepResponse:
+        job = begun.job
+        if begun.columnar:
+            errors = job.errors
+            return pb.StepResponse(
+                batch=pb.ResultBatch(
+                    steps=job.steps.tolist(),
+                    outputs=job.outputs.astype("<f4", copy=False).tobytes(),
+                    codes=job.codes.tolist(),
+                    duplicates=job.duplicates.tolist(),
+                    errors=[errors.get(i, "") for i in range(job.n)] if errors else [""] * job.n,
+                )
+            )
+        block = begun.block
+        Result = pb.Result
+        ids, seqs = block.session_ids, block.seqs.tolist()
+        steps, dups, outputs = job.steps.tolist(), job.duplicates.tolist(), job.outputs.tolist()
+        results = [
+            Result(session_id=ids[i], seq=seqs[i], step=steps[i], output=outputs[i], duplicate=dups[i])
+            for i in range(job.n)
+        ]
+        for i, message in job.errors.items():
+            r = results[i]
+            r.code = int(job.codes[i])
+            r.error = message
+            del r.output[:]
+        if job.states is not None:
+            hidden, cell = self._named_state(job.states, "hidden"), self._named_state(job.states, "cell")
+            for i, r in enumerate(results):
+                if i not in job.errors:
+                    if hidden is not None:
+                        r.hidden.extend(hidden[i])
+                    if cell is not None:
+                        r.cell.extend(cell[i])
+        return pb.StepResponse(results=results)
+
+    def _named_state(self, states: list[np.ndarray], name: str) -> list[list[float]] | None:
+        i = self._state_index.get(name)
+        return None if i is None else states[i].tolist()
+
+    # -- session RPCs ------------------------------------------------------------------
+
+    def _session(self, snap: SessionSnapshot) -> pb.Session:
+        message = pb.Session(
+            session_id=snap.session_id,
+            step=snap.step,
+            last_seq=snap.last_seq,
+            output=snap.output.tolist(),
+            created=_timestamp(snap.created),
+            updated=_timestamp(snap.updated),
+        )
+        for name, field in (("hidden", message.hidden), ("cell", message.cell)):
+            i = self._state_index.get(name)
+            if i is not None:
+                field.extend(snap.states[i].tolist())
+        return message
+
+    def _known_id(self, session_id: str) -> None:
+        problem = session_id_error(session_id, self.settings.max_session_id_bytes)
+        if problem is not None:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+    @staticmethod
+    def _not_found(session_id: str) -> ServiceError:
+        return ServiceError(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r}")
+
+    @rpc("GetSession")
+    async def GetSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.Session:
+        self._known_id(request.session_id)
+        snap = self.batcher.get(request.session_id)
+        if snap is None:
+            raise self._not_found(request.session_id)
+        return self._session(snap)
+
+    @rpc("PutSession")
+    async def PutSession(self, request: pb.Session, context: grpc.aio.ServicerContext) -> pb.Session:
+        self._known_id(request.session_id)
+        batcher = self.batcher
+        states: list[np.ndarray | None] = [None] * len(self.spec.state_names)
+        for name, values in (("hidden", request.hidden), ("cell", request.cell)):
+            i = self._state_index.get(name)
+            if i is None or not len(values):
+                continue
+            size = self.spec.state_sizes[i]
+            array = np.array(values, np.float32)
+            if array.size != size:
+                raise ServiceError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{name} has {array.size} values; the model's {name} has {size}",
+                )
+            if not np.isfinite(array).all():
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} contains NaN or Inf")
+            states[i] = array
+        if self._draining:
+            raise BatcherClosed()
+        snap = await batcher.put(request.session_id, request.step, request.last_seq, states)
+        return self._session(snap)
+
+    @rpc("ResetSession")
+    async def ResetSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.Session:
+        self._known_id(request.session_id)
+        snap = await self.batcher.reset(request.session_id)
+        if snap is None:
+            raise self._not_found(request.session_id)
+        return self._session(snap)
+
+    @rpc("DeleteSession")
+    async def DeleteSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.Session:
+        self._known_id(request.session_id)
+        snap = await self.batcher.delete(request.session_id)
+        if snap is None:
+            raise self._not_found(request.session_id)
+        self.metrics.evictions.labels("deleted").inc()
+        return self._session(snap)
+
+    @rpc("GetModelInfo")
+    async def GetModelInfo(
+        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        batcher = self.batcher
+        spec = self.spec
+        sizes = dict(zip(spec.state_names, spec.state_sizes))
+        return pb.ModelInfo(
+            event_size=spec.event_size,
+            hidden_size=sizes.get("hidden", 0),
+            output_size=spec.output_size,
+            exporter_version=spec.exporter_version,
+            fingerprint=spec.fingerprint,
+            execution_provider=batcher.runtime.provider,
+            source=spec.source,
+            state_names=list(spec.state_names),
+            onnxruntime_version=onnxruntime.__version__,
+            live_sessions=len(batcher.table),
+            max_sessions=self.settings.max_sessions,
+        )
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts

@@ -1,0 +1,191 @@
+"""The session table: every session's state in preallocated numpy arrays, rows by slot."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class SessionCapError(Exception):
+    """The table holds ``max_sessions`` live sessions already."""
+
+
+@dataclass(frozen=True)
+class SessionSnapshot:
+    """A copy of one session's row, safe to hand outside the table."""
+
+    session_id: str
+    step: int
+    last_seq: int
+    states: tuple[np.ndarray, ...]
+    output: np.ndarray
+    created: float
+    updated: float
+
+
+def session_id_error(session_id: str, max_bytes: int) -> str | None:
+    """Why a session id is refused, or None when it is acceptable."""
+    if not session_id:
+        return "session_id is empty"
+    size = len(session_id.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        return f"session_id is {size} bytes long; the limit is {max_bytes}"
+    return None
+
+
+class SessionTable:
+    """Rows ``[capacity, n]`` per state tensor plus counters; a dict maps id -> row.
+
+    Rows are grown geometrically and reused through a free list, so serving an
+    event allocates no per-session Python or numpy object. ``pending[row]``
+    counts accepted events not yet applied: such a row is never evicted or
+    reused, and a row deleted while it has pending events is freed when they
+    are done.
+    """
+
+    def __init__(
+        self,
+        state_sizes: Sequence[int],
+        output_size: int,
+        max_sessions: int,
+        initial_capacity: int = 1024,
+    ):
+        self.state_sizes = tuple(state_sizes)
+        self.output_size = output_size
+        self.max_sessions = max_sessions
+        self.index: dict[str, int] = {}
+        self.ids: list[str | None] = []
+        self.capacity = 0
+        self.states: list[np.ndarray] = [np.zeros((0, n), np.float32) for n in self.state_sizes]
+        self.output = np.zeros((0, output_size), np.float32)
+        self.step = np.zeros(0, np.uint64)
+        self.last_seq = np.zeros(0, np.uint64)
+        self.created = np.zeros(0, np.float64)
+        self.updated = np.zeros(0, np.float64)
+        self.pending = np.zeros(0, np.int64)
+        self.doomed = np.zeros(0, np.bool_)
+        self._free: list[int] = []
+        self._grow(min(initial_capacity, max_sessions))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self.index
+
+    def lookup(self, session_ids: Sequence[str]) -> np.ndarray:
+        """Rows of the given ids, -1 for ids not in the table."""
+        get = self.index.get
+        return np.fromiter((get(s, -1) for s in session_ids), np.int64, len(session_ids))
+
+    def create(self, session_id: str, now: float | None = None) -> int:
+        """A zeroed row for a new session; raises SessionCapError at the cap."""
+        if len(self.index) >= self.max_sessions:
+            raise SessionCapError(f"the server holds its maximum of {self.max_sessions} sessions")
+        if not self._free:
+            self._grow(min(max(2 * self.capacity, 1), self.max_sessions + self._n_doomed()))
+        slot = self._free.pop()
+        now = time.time() if now is None else now
+        self._zero(slot)
+        self.step[slot] = 0
+        self.last_seq[slot] = 0
+        self.created[slot] = now
+        self.updated[slot] = now
+        self.index[session_id] = slot
+        self.ids[slot] = session_id
+        return slot
+
+    def reset(self, slot: int) -> None:
+        """Zero the state of a row; counters are kept."""
+        self._zero(slot)
+
+    def write(
+        self, slot: int, step: int, last_seq: int, states: Sequence[np.ndarray | None], now: float
+    ) -> None:
+        """Overwrite a row (PutSession); a None state means zeros."""
+        for table, value in zip(self.states, states):
+            table[slot] = 0.0 if value is None else value
+        self.output[slot] = 0.0
+        self.step[slot] = step
+        self.last_seq[slot] = last_seq
+        self.updated[slot] = now
+
+    def snapshot(self, slot: int) -> SessionSnapshot:
+        session_id = self.ids[slot]
+        assert session_id is not None
+        return SessionSnapshot(
+            session_id=session_id,
+            step=int(self.step[slot]),
+            last_seq=int(self.last_seq[slot]),
+            states=tuple(table[slot].copy() for table in self.states),
+            output=self.output[slot].copy(),
+            created=float(self.created[slot]),
+            updated=float(self.updated[slot]),
+        )
+
+    def remove(self, session_id: str) -> SessionSnapshot:
+        """Drop a session; its row is freed now, or when its pending events are done."""
+        slot = self.index.pop(session_id)
+        snap = self.snapshot(slot)
+        if self.pending[slot]:
+            self.doomed[slot] = True
+        else:
+            self._release(slot)
+        return snap
+
+    def finish(self, slots: np.ndarray) -> None:
+        """Mark one pending event done for each of ``slots`` (distinct rows)."""
+        self.pending[slots] -= 1
+        doomed = slots[self.doomed[slots] & (self.pending[slots] == 0)]
+        for slot in doomed.tolist():
+            self.doomed[slot] = False
+            self._release(slot)
+
+    def idle_ids(self, older_than: float) -> list[str]:
+        """Ids of live sessions not updated since ``older_than`` and with nothing pending."""
+        rows = np.flatnonzero(
+            (self.updated[: self.capacity] < older_than)
+            & (self.pending[: self.capacity] == 0)
+            & ~self.doomed[: self.capacity]
+        )
+        ids = self.ids
+        return [sid for sid in (ids[r] for r in rows.tolist()) if sid is not None]
+
+    def _n_doomed(self) -> int:
+        return int(self.doomed.sum())
+
+    def _zero(self, slot: int) -> None:
+        for table in self.states:
+            table[slot] = 0.0
+        self.output[slot] = 0.0
+
+    def _release(self, slot: int) -> None:
+        self.ids[slot] = None
+        self.updated[slot] = np.inf  # never "idle"
+        self._free.append(slot)
+
+    def _grow(self, capacity: int) -> None:
+        old = self.capacity
+        if capacity <= old:
+            capacity = old + 1
+
+        def grown(a: np.ndarray, fill: float = 0) -> np.ndarray:
+            b = np.full((capacity, *a.shape[1:]), fill, a.dtype)
+            b[:old] = a[:old]
+            return b
+
+        self.states = [grown(t) for t in self.states]
+        self.output = grown(self.output)
+        self.step = grown(self.step)
+        self.last_seq = grown(self.last_seq)
+        self.created = grown(self.created)
+        self.updated = grown(self.updated, np.inf)
+        self.pending = grown(self.pending)
+        self.doomed = grown(self.doomed)
+        self.ids.extend([None] * (capacity - old))
+        # Pop from the end: hand out low rows first so the live rows stay dense.
+        self._free.extend(range(capacity - 1, old - 1, -1))
+        self.capacity = capacity

@@ -1,0 +1,134 @@
+"""The server's one typed settings object: flags, then ``LSTM_*`` variables, then defaults."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``lstm-serve`` can be told. Each field is flag ``--x-y`` and variable ``LSTM_X_Y``."""
+
+    model: str | None = field(
+        default=None,
+        metadata={"help": "ONNX model file; empty serves the embedded default model (E=32, H=64)"},
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC port"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
+    metrics_host: str = field(
+        default="", metadata={"help": "address for /metrics (default: same as --host)"}
+    )
+    metrics_port: int = field(
+        default=9464, metadata={"help": "Prometheus /metrics port (0 picks a free one)"}
+    )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (CUDA if available, else CPU), cpu or cuda",
+            "choices": ("auto", "cpu", "cuda"),
+        },
+    )
+    ort_threads: int = field(default=1, metadata={"help": "ONNX Runtime intra-op threads"})
+    max_sessions: int = field(default=1_000_000, metadata={"help": "hard cap on live sessions"})
+    session_ttl: float = field(
+        default=3600.0, metadata={"help": "evict sessions idle this many seconds (0 = never)"}
+    )
+    max_batch: int = field(default=1024, metadata={"help": "most events in one ONNX Runtime run"})
+    max_events_per_request: int = field(
+        default=65536, metadata={"help": "most events in one StepRequest"}
+    )
+    max_inflight: int = field(
+        default=64, metadata={"help": "requests read ahead per stream before it stops reading"}
+    )
+    max_message_bytes: int = field(
+        default=16 * 1024 * 1024, metadata={"help": "largest gRPC message received or sent"}
+    )
+    max_session_id_bytes: int = field(
+        default=128, metadata={"help": "longest accepted session id, in UTF-8 bytes"}
+    )
+    initial_capacity: int = field(
+        default=1024, metadata={"help": "session rows preallocated at start (grown x2 on demand)"}
+    )
+    grace: float = field(
+        default=10.0, metadata={"help": "seconds to finish in-flight work on SIGTERM"}
+    )
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    log_format: str = field(
+        default="json",
+        metadata={"help": "json (one object per line) or text", "choices": ("json", "text")},
+    )
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, "--port must be 0..65535"),
+            (0 <= self.metrics_port <= 65535, "--metrics-port must be 0..65535"),
+            (self.ort_threads >= 0, "--ort-threads must be >= 0 (0 = ONNX Runtime's default)"),
+            (self.max_sessions >= 1, "--max-sessions must be >= 1"),
+            (self.session_ttl >= 0, "--session-ttl must be >= 0"),
+            (self.max_batch >= 1, "--max-batch must be >= 1"),
+            (self.max_events_per_request >= 1, "--max-events-per-request must be >= 1"),
+            (self.max_inflight >= 1, "--max-inflight must be >= 1"),
+            (self.max_message_bytes >= 1024, "--max-message-bytes must be >= 1024"),
+            (self.max_session_id_bytes >= 1, "--max-session-id-bytes must be >= 1"),
+            (self.initial_capacity >= 1, "--initial-capacity must be >= 1"),
+            (self.grace >= 0, "--grace must be >= 0"),
+            (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+            (self.log_format in ("json", "text"), "--log-format must be json or text"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def metrics_bind_host(self) -> str:
+        return self.metrics_host or self.host
+
+    @classmethod
+    def from_args(
+        cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Parse flags over ``LSTM_*`` variables over defaults; exits 2 with usage on bad input."""
+        env = os.environ if env is None else env
+        parser = argparse.ArgumentParser(
+            prog="lstm-serve",
+            description="Serve a stateful LSTM step model over gRPC. Every flag is also an "
+            "LSTM_* environment variable (--max-batch -> LSTM_MAX_BATCH); flags win.",
+        )
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            var = "LSTM_" + f.name.upper()
+            kind = _scalar_type(f)
+            default = f.default
+            if var in env:
+                try:
+                    default = kind(env[var]) if env[var] != "" or kind is str else None
+                except ValueError:
+                    parser.error(f"{var}={env[var]!r} is not a valid {kind.__name__}")
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=default,
+                choices=f.metadata.get("choices"),
+                help=f"{f.metadata['help']} [env {var}; default {f.default!r}]",
+            )
+        values = vars(parser.parse_args(argv))
+        if values.get("model") == "":
+            values["model"] = None
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            parser.error(str(exc))
+            raise  # unreachable: parser.error exits
+
+
+def _scalar_type(f: dataclasses.Field[Any]) -> type:
+    annotation = str(f.type)
+    for name, kind in (("int", int), ("float", float)):
+        if annotation == name:
+            return kind
+    return str
