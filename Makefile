@@ -8,7 +8,7 @@ METRICS_PORT ?= 9464
 
 .DEFAULT_GOAL := help
 
-.PHONY: help venv test lint format proto run bench-export clean
+.PHONY: help venv test test-gpu lint format proto run bench-export clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -24,6 +24,21 @@ venv: $(STAMP) ## create .venv with the package and dev tools
 test: $(STAMP) ## run the test suite (unit, property and end-to-end)
 	$(BIN)/python -m pytest -q
 
+GPU_VENV ?= .venv-gpu
+test-gpu: ## the end-to-end tests with --device cuda (own venv with onnxruntime-gpu); skips without a GPU
+	@if ! nvidia-smi -L >/dev/null 2>&1; then \
+		echo "make test-gpu: SKIPPED: no NVIDIA GPU on this machine (nvidia-smi finds none)"; exit 0; fi; \
+	set -e; \
+	$(PYTHON) -m venv $(GPU_VENV); \
+	$(GPU_VENV)/bin/pip install -q --upgrade pip; \
+	$(GPU_VENV)/bin/pip install -q -e '.[dev]'; \
+	$(GPU_VENV)/bin/pip uninstall -q -y onnxruntime; \
+	$(GPU_VENV)/bin/pip install -q 'onnxruntime-gpu[cuda,cudnn]>=1.18,<2'; \
+	LSTM_TEST_DEVICE=cuda $(GPU_VENV)/bin/python -m pytest -q tests/service
+
+run: $(STAMP) ## start the server with the embedded default model (PORT=50051 METRICS_PORT=9464)
+	$(BIN)/lstm-serve --port $(PORT) --metrics-port $(METRICS_PORT) --log-format text
+
 lint: $(STAMP) ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -36,8 +51,8 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 bench-export: $(STAMP) ## time the two ONNX graph forms per batch size
 	$(BIN)/python -m model_export.bench
 
-clean: ## remove the venv and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+clean: ## remove the venvs and caches
+	rm -rf $(VENV) $(GPU_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 proto: $(STAMP) ## regenerate lstm_stream/ stubs from proto/ (committed; a test checks they are fresh)
 	cd $(CURDIR) && $(BIN)/python tools/gen_proto.py

@@ -1,8 +1,9 @@
-"""The batcher: one queue of requests, one ONNX Runtime run at a time, one event per session per run."""
+"""The batcher: one request queue, one ONNX Runtime run at a time, one event per session per run."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -62,8 +63,20 @@ class Job:
     """One request in flight: its events, their results, and one future for all of them."""
 
     __slots__ = (
-        "codes", "duplicates", "errors", "future", "n", "outputs", "pending", "resets",
-        "seqs", "slots", "states", "steps", "t0", "values",
+        "codes",
+        "duplicates",
+        "errors",
+        "future",
+        "n",
+        "outputs",
+        "pending",
+        "resets",
+        "seqs",
+        "slots",
+        "states",
+        "steps",
+        "t0",
+        "values",
     )
 
     def __init__(self, block: EventBlock, output_size: int, state_sizes: Sequence[int] | None):
@@ -138,10 +151,8 @@ class Batcher:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self._executor.shutdown(wait=True)
 
     # -- events ----------------------------------------------------------------------
@@ -306,12 +317,13 @@ class Batcher:
         done = time.perf_counter()
         for job, idx, p, sl in segments:
             job_slots = slots[sl]
-            if failed:
-                rows = idx[apply[sl]]
-                job.fail(rows, Code.INTERNAL, "the model failed on this event's batch")
             job.duplicates[idx] = duplicate[sl]
             job.steps[idx] = table.step[job_slots]
             job.outputs[idx] = table.output[job_slots]
+            if failed:
+                rows = idx[apply[sl]]
+                job.fail(rows, Code.INTERNAL, "the model failed on this event's batch")
+                job.outputs[rows] = 0.0
             if job.states is not None:
                 for out, t in zip(job.states, table.states):
                     out[idx] = t[job_slots]
@@ -331,7 +343,8 @@ class Batcher:
     def _fail_all(self, message: str) -> None:
         for job in self._jobs:
             job.fail(job.pending, Code.INTERNAL, message)
-            self.table.finish(np.unique(job.slots[job.pending]))
+            for slot in job.slots[job.pending].tolist():  # a slot may repeat: one finish each
+                self.table.finish(np.array([slot]))
             job.pending = np.zeros(0, np.int64)
             if job.future is not None and not job.future.done():
                 job.future.set_result(job)

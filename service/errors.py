@@ -43,7 +43,9 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 def rpc(method: str) -> Callable[[F], F]:
     """Wrap a servicer method: map exceptions to status, count and time the call.
 
-    The servicer provides ``self.metrics``. Handlers raise; only this wrapper aborts.
+    The servicer provides ``self.metrics`` and ``self.last_call_at`` (set here, so a
+    draining server can tell when calls have stopped arriving). Handlers raise; only
+    this wrapper aborts.
     """
 
     async def fail(metrics: Metrics, context: grpc.aio.ServicerContext, exc: Exception) -> None:
@@ -58,6 +60,7 @@ def rpc(method: str) -> Callable[[F], F]:
 
             @functools.wraps(handler)
             async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+                self.last_call_at = time.monotonic()
                 try:
                     async for response in handler(self, request, context):
                         yield response
@@ -76,6 +79,7 @@ def rpc(method: str) -> Callable[[F], F]:
         @functools.wraps(handler)
         async def unary(self: Any, request: Any, context: Any) -> Any:
             start = time.perf_counter()
+            self.last_call_at = time.monotonic()
             try:
                 response = await handler(self, request, context)
             except grpc.aio.AbortError:

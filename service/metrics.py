@@ -11,7 +11,20 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -66,19 +79,26 @@ class Metrics:
         )
         self._event_counters = {o: self.events.labels(o) for o in OUTCOMES}
         self.rpcs = Counter(
-            "lstm_rpcs", "RPCs finished, by method and gRPC status code.", ["method", "code"],
+            "lstm_rpcs",
+            "RPCs finished, by method and gRPC status code.",
+            ["method", "code"],
             registry=r,
         )
         self.rpc_seconds = Histogram(
-            "lstm_rpc_duration_seconds", "Time to answer one call (for streams: one request).",
-            ["method"], buckets=LATENCY_BUCKETS, registry=r,
+            "lstm_rpc_duration_seconds",
+            "Time to answer one call (for streams: one request).",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.event_seconds = BulkHistogram(
-            "lstm_event_latency_seconds", "From a request's arrival to its event being applied.",
+            "lstm_event_latency_seconds",
+            "From a request's arrival to its event being applied.",
             LATENCY_BUCKETS,
         )
         self.queue_seconds = BulkHistogram(
-            "lstm_queue_wait_seconds", "From a request's arrival to the start of its event's run.",
+            "lstm_queue_wait_seconds",
+            "From a request's arrival to the start of its event's run.",
             LATENCY_BUCKETS,
         )
         r.register(self.event_seconds)
@@ -87,19 +107,21 @@ class Metrics:
             "lstm_batch_size", "Events per ONNX Runtime run.", buckets=BATCH_BUCKETS, registry=r
         )
         self.inference_seconds = Histogram(
-            "lstm_inference_duration_seconds", "Time of one ONNX Runtime run.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "lstm_inference_duration_seconds",
+            "Time of one ONNX Runtime run.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.live_sessions = Gauge("lstm_live_sessions", "Sessions in memory.", registry=r)
         self.evictions = Counter(
             "lstm_evictions", "Sessions evicted, by reason.", ["reason"], registry=r
         )
-        self.active_streams = Gauge(
-            "lstm_active_streams", "Open StreamSteps calls.", registry=r
-        )
+        self.active_streams = Gauge("lstm_active_streams", "Open StreamSteps calls.", registry=r)
         self.model_info = Gauge(
-            "lstm_model_info", "The loaded model (value 1).",
-            ["fingerprint", "provider", "event_size", "output_size", "source"], registry=r,
+            "lstm_model_info",
+            "The loaded model (value 1).",
+            ["fingerprint", "provider", "event_size", "output_size", "source"],
+            registry=r,
         )
 
     def count_events(self, outcome: str, n: int) -> None:

@@ -72,7 +72,11 @@ def _providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
             f"(available: {', '.join(available)}); install onnxruntime-gpu on a machine with "
             "an NVIDIA GPU, or use --device cpu / auto"
         )
-    return [(CUDA, _CUDA_OPTIONS), CPU] if CUDA in available else [CPU]
+    if CUDA not in available:
+        return [CPU]
+    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels, when installed so
+        ort.preload_dlls()
+    return [(CUDA, _CUDA_OPTIONS), CPU]
 
 
 class Runtime:
@@ -98,7 +102,10 @@ class Runtime:
         self._outputs = ["output", *(f"{name}_out" for name in self.spec.state_names)]
         log.info(
             "model loaded: source=%s provider=%s event_size=%d output_size=%d states=%s",
-            source, self.provider, self.spec.event_size, self.spec.output_size,
+            source,
+            self.provider,
+            self.spec.event_size,
+            self.spec.output_size,
             ",".join(f"{n}[{s}]" for n, s in zip(self.spec.state_names, self.spec.state_sizes)),
         )
 
@@ -129,10 +136,13 @@ def _check_contract(session: ort.InferenceSession, source: str) -> ModelSpec:
     def width(arg: ort.NodeArg, role: str) -> int:
         shape = arg.shape
         if arg.type != "tensor(float)":
-            raise ModelContractError(f"{source}: {role} '{arg.name}' is {arg.type}; expected tensor(float)")
+            raise ModelContractError(
+                f"{source}: {role} '{arg.name}' is {arg.type}; expected tensor(float)"
+            )
         if len(shape) != 2 or not isinstance(shape[1], int) or shape[1] < 1:
             raise ModelContractError(
-                f"{source}: {role} '{arg.name}' has shape {shape}; expected [batch, n] with a fixed n"
+                f"{source}: {role} '{arg.name}' has shape {shape}; "
+                "expected [batch, n] with a fixed n"
             )
         if isinstance(shape[0], int):
             raise ModelContractError(
@@ -144,7 +154,9 @@ def _check_contract(session: ort.InferenceSession, source: str) -> ModelSpec:
     if "event" not in inputs:
         raise ModelContractError(f"{source}: no input named 'event' (inputs: {', '.join(inputs)})")
     if "output" not in outputs:
-        raise ModelContractError(f"{source}: no output named 'output' (outputs: {', '.join(outputs)})")
+        raise ModelContractError(
+            f"{source}: no output named 'output' (outputs: {', '.join(outputs)})"
+        )
     state_names = tuple(name for name in inputs if name != "event")
     sizes = []
     for name in state_names:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from threading import Thread
 from wsgiref.simple_server import WSGIServer
@@ -27,6 +28,9 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+DRAIN_QUIET_S = 0.1
+"""While draining, the server stays up until calls have stopped arriving for this long."""
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -39,7 +43,7 @@ class Server:
         self.metrics = Metrics(registry)
         self.port = 0
         self.metrics_port = 0
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.runtime: Runtime | None = None
         self.batcher: Batcher | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -55,7 +59,7 @@ class Server:
         await self.load()
 
     async def bind(self) -> None:
-        """Listen on both ports; health says NOT_SERVING and calls get UNAVAILABLE until ``load``."""
+        """Listen on both ports; health is NOT_SERVING and calls get UNAVAILABLE until ``load``."""
         s = self.settings
         await self._set_health(NOT_SERVING)
         options = [
@@ -92,20 +96,29 @@ class Server:
         await loop.run_in_executor(None, self.runtime.warm_up, s.max_batch)
         spec = self.runtime.spec
         table = SessionTable(spec.state_sizes, spec.output_size, s.max_sessions, s.initial_capacity)
-        self.batcher = Batcher(self.runtime, table, self.metrics, s.max_batch, s.max_session_id_bytes)
+        self.batcher = Batcher(
+            self.runtime, table, self.metrics, s.max_batch, s.max_session_id_bytes
+        )
         self.batcher.start()
         self._servicer.attach(self.batcher)
         self.metrics.track_live_sessions(lambda: len(table))
         self.metrics.model_info.labels(
-            spec.fingerprint[:16], self.runtime.provider, str(spec.event_size),
-            str(spec.output_size), spec.source,
+            spec.fingerprint[:16],
+            self.runtime.provider,
+            str(spec.event_size),
+            str(spec.output_size),
+            spec.source,
         ).set(1)
         if s.session_ttl > 0:
             self._ttl_task = loop.create_task(self._evict_loop(s.session_ttl), name="ttl-eviction")
         await self._set_health(SERVING)
         log.info(
             "serving on %s:%d, metrics on http://%s:%d/metrics, provider %s",
-            s.host, self.port, s.metrics_bind_host, self.metrics_port, self.runtime.provider,
+            s.host,
+            self.port,
+            s.metrics_bind_host,
+            self.metrics_port,
+            self.runtime.provider,
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -121,11 +134,14 @@ class Server:
             self._ttl_task.cancel()
         if self._servicer is not None:
             self._servicer.start_drain()
+        deadline = time.monotonic() + grace
         if self.batcher is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.batcher.drain(), grace)
+        if self._servicer is not None:
+            await self._quiet(self._servicer, deadline)
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            await self._grpc.stop(max(deadline - time.monotonic(), 0.0))
         if self.batcher is not None:
             await self.batcher.stop()
         if self._metrics_http is not None:
@@ -135,6 +151,20 @@ class Server:
             thread.join(timeout=5)
         log.info("stopped")
         self._stopped.set()
+
+    @staticmethod
+    async def _quiet(servicer: LstmStreamServicer, deadline: float) -> None:
+        """Wait until no call has arrived for DRAIN_QUIET_S, counted from now (or the grace ends).
+
+        Calls already queued in gRPC core when the server stops are cancelled,
+        which clients do not retry; answering them UNAVAILABLE first lets them.
+        """
+        quiet_since = time.monotonic()
+        while (now := time.monotonic()) < deadline:
+            idle = now - max(servicer.last_call_at, quiet_since)
+            if idle >= DRAIN_QUIET_S:
+                return
+            await asyncio.sleep(min(DRAIN_QUIET_S - idle, deadline - now))
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -50,6 +50,7 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
         self._readers: set[asyncio.Task[None]] = set()
         self._draining = False
         self._state_index: dict[str, int] = {}
+        self.last_call_at = 0.0
 
     def attach(self, batcher: Batcher) -> None:
         """Start answering: the model is loaded and warmed up."""
@@ -72,7 +73,9 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
     # -- event RPCs --------------------------------------------------------------------
 
     @rpc("Step")
-    async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
+    async def Step(
+        self, request: pb.StepRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StepResponse:
         if self._draining:
             raise BatcherClosed()
         begun = self._begin(request)
@@ -142,7 +145,7 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
             queue.put_nowait(exc)
 
     def _begin(self, request: pb.StepRequest) -> _Begun:
-        """Decode a request and queue its events; raises ServiceError for a whole-request problem."""
+        """Decode a request and queue its events; ServiceError for a whole-request problem."""
         started = time.perf_counter()
         batcher = self.batcher
         columnar = request.HasField("batch")
@@ -226,7 +229,9 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
         ids, seqs = block.session_ids, block.seqs.tolist()
         steps, dups, outputs = job.steps.tolist(), job.duplicates.tolist(), job.outputs.tolist()
         results = [
-            Result(session_id=ids[i], seq=seqs[i], step=steps[i], output=outputs[i], duplicate=dups[i])
+            Result(
+                session_id=ids[i], seq=seqs[i], step=steps[i], output=outputs[i], duplicate=dups[i]
+            )
             for i in range(job.n)
         ]
         for i, message in job.errors.items():
@@ -235,7 +240,10 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
             r.error = message
             del r.output[:]
         if job.states is not None:
-            hidden, cell = self._named_state(job.states, "hidden"), self._named_state(job.states, "cell")
+            hidden, cell = (
+                self._named_state(job.states, "hidden"),
+                self._named_state(job.states, "cell"),
+            )
             for i, r in enumerate(results):
                 if i not in job.errors:
                     if hidden is not None:
@@ -275,7 +283,9 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
         return ServiceError(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r}")
 
     @rpc("GetSession")
-    async def GetSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.Session:
+    async def GetSession(
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+    ) -> pb.Session:
         self._known_id(request.session_id)
         snap = self.batcher.get(request.session_id)
         if snap is None:
@@ -283,7 +293,9 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
         return self._session(snap)
 
     @rpc("PutSession")
-    async def PutSession(self, request: pb.Session, context: grpc.aio.ServicerContext) -> pb.Session:
+    async def PutSession(
+        self, request: pb.Session, context: grpc.aio.ServicerContext
+    ) -> pb.Session:
         self._known_id(request.session_id)
         batcher = self.batcher
         states: list[np.ndarray | None] = [None] * len(self.spec.state_names)
@@ -307,7 +319,9 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
         return self._session(snap)
 
     @rpc("ResetSession")
-    async def ResetSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.Session:
+    async def ResetSession(
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+    ) -> pb.Session:
         self._known_id(request.session_id)
         snap = await self.batcher.reset(request.session_id)
         if snap is None:
@@ -315,7 +329,9 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
         return self._session(snap)
 
     @rpc("DeleteSession")
-    async def DeleteSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.Session:
+    async def DeleteSession(
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+    ) -> pb.Session:
         self._known_id(request.session_id)
         snap = await self.batcher.delete(request.session_id)
         if snap is None:

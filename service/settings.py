@@ -12,7 +12,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything ``lstm-serve`` can be told. Each field is flag ``--x-y`` and variable ``LSTM_X_Y``."""
+    """Everything ``lstm-serve`` can be told; field ``x_y`` is flag ``--x-y`` and ``LSTM_X_Y``."""
 
     model: str | None = field(
         default=None,

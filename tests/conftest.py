@@ -37,7 +37,7 @@ ServerFactory = Callable[..., Awaitable[Server]]
 
 @pytest.fixture
 async def start_server() -> AsyncIterator[ServerFactory]:
-    """A factory: ``await start_server(**settings)`` returns a started server; all stop at the end."""
+    """``await start_server(**settings)`` returns a started server; all stop at the end."""
     servers: list[Server] = []
 
     async def start(**overrides: Any) -> Server:

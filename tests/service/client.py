@@ -27,11 +27,18 @@ class Answer:
     error: str
 
 
-def request(events: Sequence[Ev], columnar: bool = False, include_state: bool = False) -> pb.StepRequest:
+def request(
+    events: Sequence[Ev], columnar: bool = False, include_state: bool = False
+) -> pb.StepRequest:
     if not columnar:
         return pb.StepRequest(
             events=[
-                pb.Event(session_id=e.session_id, seq=e.seq, values=list(map(float, e.values)), reset=e.reset)
+                pb.Event(
+                    session_id=e.session_id,
+                    seq=e.seq,
+                    values=list(map(float, e.values)),
+                    reset=e.reset,
+                )
                 for e in events
             ],
             include_state=include_state,

@@ -25,15 +25,21 @@ async def get(stub: pb_grpc.LstmStreamStub, sid: str) -> pb.Session:
 
 
 @pytest.mark.parametrize("columnar", [False, True])
-async def test_duplicates_are_not_applied_again(stub: pb_grpc.LstmStreamStub, columnar: bool) -> None:
+async def test_duplicates_are_not_applied_again(
+    stub: pb_grpc.LstmStreamStub, columnar: bool
+) -> None:
     ref = Reference()
     xs = events(np.random.default_rng(1), 4)
-    first = answers(await stub.Step(request([Ev("s", xs[0], seq=1), Ev("s", xs[1], seq=2)], columnar)))
+    first = answers(
+        await stub.Step(request([Ev("s", xs[0], seq=1), Ev("s", xs[1], seq=2)], columnar))
+    )
     ref.step("s", xs[0])
     out2 = ref.step("s", xs[1])
     before = await get(stub, "s")
     # seq 2 again (a retry) and seq 1 (older): neither is applied.
-    got = answers(await stub.Step(request([Ev("s", xs[2], seq=2), Ev("s", xs[3], seq=1)], columnar)))
+    got = answers(
+        await stub.Step(request([Ev("s", xs[2], seq=2), Ev("s", xs[3], seq=1)], columnar))
+    )
     for answer in got:
         assert answer.duplicate and answer.code == 0
         assert answer.step == 2
@@ -42,7 +48,9 @@ async def test_duplicates_are_not_applied_again(stub: pb_grpc.LstmStreamStub, co
     after = await get(stub, "s")
     assert (after.step, after.last_seq, list(after.hidden)) == (2, 2, list(before.hidden))
     # A higher seq applies; seq 0 always applies.
-    got = answers(await stub.Step(request([Ev("s", xs[2], seq=5), Ev("s", xs[3], seq=0)], columnar)))
+    got = answers(
+        await stub.Step(request([Ev("s", xs[2], seq=5), Ev("s", xs[3], seq=0)], columnar))
+    )
     assert [a.duplicate for a in got] == [False, False]
     assert [a.step for a in got] == [3, 4]
     ref.step("s", xs[2])

@@ -1,0 +1,141 @@
+"""The batcher without a network: one event per session per run, order, runs that fail."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from prometheus_client import CollectorRegistry
+
+from service.batcher import Batcher, BatcherClosed, Code, EventBlock
+from service.metrics import Metrics
+from service.runtime import Runtime, load_model_bytes
+from service.sessions import SessionTable
+from tests.service.reference import Reference, events
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Runtime:
+    return Runtime(*load_model_bytes(None), "cpu")
+
+
+def make(runtime: Runtime, max_batch: int = 64) -> Batcher:
+    spec = runtime.spec
+    table = SessionTable(spec.state_sizes, spec.output_size, max_sessions=1000)
+    return Batcher(runtime, table, Metrics(CollectorRegistry()), max_batch, 128)
+
+
+def block(ids: list[str], values: np.ndarray, seqs: list[int] | None = None) -> EventBlock:
+    n = len(ids)
+    return EventBlock(ids, values, np.array(seqs or [0] * n, np.uint64), np.zeros(n, np.bool_), {})
+
+
+async def test_one_event_per_session_per_run_in_order(runtime: Runtime) -> None:
+    batcher = make(runtime)
+    batcher.start()
+    ref = Reference()
+    xs = events(np.random.default_rng(0), 6)
+    ids = ["a", "a", "b", "a", "b", "c"]
+    job = batcher.submit(block(ids, xs))
+    await job.future  # type: ignore[misc]
+    assert job.steps.tolist() == [1, 2, 1, 3, 2, 1]
+    for i, sid in enumerate(ids):
+        np.testing.assert_allclose(job.outputs[i], ref.step(sid, xs[i]), atol=1e-5)
+    # "a" has three events: three runs, the first with a, b, c.
+    batch_sizes = batcher.metrics.batch_size.collect()[0].samples
+    assert [s.value for s in batch_sizes if s.name.endswith("_count")] == [3]
+    assert [s.value for s in batch_sizes if s.name.endswith("_sum")] == [6]
+    await batcher.stop()
+
+
+async def test_max_batch_splits_runs_and_later_jobs_keep_their_order(runtime: Runtime) -> None:
+    batcher = make(runtime, max_batch=4)
+    batcher.start()
+    ref = Reference()
+    xs = events(np.random.default_rng(1), 20)
+    first = batcher.submit(block([f"s{i}" for i in range(10)], xs[:10]))
+    second = batcher.submit(block([f"s{i}" for i in range(10)], xs[10:]))
+    await asyncio.gather(first.future, second.future)  # type: ignore[arg-type]
+    for i in range(10):
+        np.testing.assert_allclose(first.outputs[i], ref.step(f"s{i}", xs[i]), atol=1e-5)
+        np.testing.assert_allclose(second.outputs[i], ref.step(f"s{i}", xs[10 + i]), atol=1e-5)
+    assert second.steps.tolist() == [2] * 10
+    await batcher.stop()
+
+
+def failing_model() -> bytes:
+    """A real model ONNX Runtime refuses to run when an event's first value is >= 10.
+
+    ``output = event + 0 * table[int(event[:, 0])]``: Gather fails on an index out of bounds.
+    """
+    nodes = [
+        helper.make_node("Slice", ["event", "zero", "one", "one"], ["first"]),
+        helper.make_node("Cast", ["first"], ["index"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "index"], ["looked_up"]),
+        helper.make_node("Mul", ["looked_up", "nothing"], ["zeroed"]),
+        helper.make_node("Add", ["event", "zeroed"], ["output"]),
+        helper.make_node("Identity", ["state"], ["state_out"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.arange(10, dtype=np.float32), "table"),
+        numpy_helper.from_array(np.array(0, np.float32), "nothing"),
+    ]
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes,
+        "failing",
+        [
+            helper.make_tensor_value_info("event", f, ["batch", 2]),
+            helper.make_tensor_value_info("state", f, ["batch", 2]),
+        ],
+        [
+            helper.make_tensor_value_info("output", f, ["batch", 2]),
+            helper.make_tensor_value_info("state_out", f, ["batch", 2]),
+        ],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+async def test_a_failed_run_answers_internal_and_keeps_state() -> None:
+    runtime = Runtime(failing_model(), "failing.onnx", "cpu")
+    runtime.warm_up(8)
+    batcher = make(runtime)
+    batcher.start()
+    good = np.array([[1.0, 2.0]], np.float32)
+    ok = batcher.submit(block(["a"], good, [1]))
+    await ok.future  # type: ignore[misc]
+    assert ok.codes.tolist() == [0] and ok.outputs.tolist() == [[1.0, 2.0]]
+    before = batcher.get("a")
+    # One poisoned event fails its whole run: both events get INTERNAL, neither state moves.
+    bad = batcher.submit(block(["a", "b"], np.array([[50.0, 0.0], [1.0, 1.0]], np.float32), [2, 0]))
+    await bad.future  # type: ignore[misc]
+    assert bad.codes.tolist() == [Code.INTERNAL, Code.INTERNAL]
+    assert bad.errors[0] == "the model failed on this event's batch"
+    assert not bad.outputs.any()
+    after = batcher.get("a")
+    assert before is not None and after is not None
+    assert (after.step, after.last_seq) == (1, 1)
+    assert batcher.get("b") is not None and batcher.get("b").step == 0  # type: ignore[union-attr]
+    # The batcher keeps going; seq 2 was never applied, so it is not a duplicate now.
+    again = batcher.submit(block(["a"], good, [2]))
+    await again.future  # type: ignore[misc]
+    assert again.codes.tolist() == [0] and again.steps.tolist() == [2]
+    await batcher.stop()
+
+
+async def test_drain_refuses_new_events(runtime: Runtime) -> None:
+    batcher = make(runtime)
+    batcher.start()
+    job = batcher.submit(block(["a"], events(np.random.default_rng(3), 1)))
+    await batcher.drain()
+    assert job.future.done()  # type: ignore[union-attr]
+    with pytest.raises(BatcherClosed):
+        batcher.submit(block(["a"], events(np.random.default_rng(3), 1)))
+    await batcher.stop()

@@ -1,0 +1,98 @@
+"""/metrics over HTTP: every metric of DESIGN.md §4 moves as traffic flows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import urllib.request
+
+import grpc
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from lstm_stream.v1 import lstm_stream_pb2 as pb
+from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
+from service.server import Server
+from tests.conftest import ServerFactory
+from tests.service.client import Ev, request
+from tests.service.reference import events
+
+
+async def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_move_with_traffic(start_server: ServerFactory) -> None:
+    server = await start_server(session_ttl=0.3, max_sessions=40)
+    before = await scrape(server)
+    assert value(before, "lstm_live_sessions") == 0
+    info = [k for k in before if k[0] == "lstm_model_info"]
+    assert len(info) == 1 and value(before, "lstm_model_info", **dict(info[0][1])) == 1
+    assert dict(info[0][1])["event_size"] == "32"
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.LstmStreamStub(channel)
+        x = events(np.random.default_rng(0), 40)
+        await stub.Step(request([Ev(f"s{i}", x[i], seq=1) for i in range(40)], columnar=True))
+        await stub.Step(request([Ev("s0", x[0], seq=1), Ev("s1", x[1][:3]), Ev("new", x[2])]))
+        gate = asyncio.Event()
+
+        async def requests():
+            yield request([Ev("s3", x[3])])
+            await gate.wait()
+
+        call = stub.StreamSteps(requests())
+        await call.read()
+        during = await scrape(server)
+        gate.set()
+        assert await call.read() is grpc.aio.EOF
+        await stub.DeleteSession(pb.SessionRef(session_id="s5"))
+        with_sessions = await scrape(server)
+        await asyncio.sleep(1.0)  # past the TTL: everything idle is evicted
+        after = await scrape(server)
+
+    assert value(during, "lstm_active_streams") == 1
+    assert value(after, "lstm_active_streams") == 0
+    assert value(with_sessions, "lstm_live_sessions") == 39
+    assert value(after, "lstm_live_sessions") == 0
+    assert value(after, "lstm_events_total", outcome="applied") == 41
+    assert value(after, "lstm_events_total", outcome="duplicate") == 1
+    assert value(after, "lstm_events_total", outcome="invalid") == 1
+    assert value(after, "lstm_events_total", outcome="over_capacity") == 1
+    assert value(after, "lstm_evictions_total", reason="deleted") == 1
+    assert value(after, "lstm_evictions_total", reason="ttl") == 39
+    assert value(after, "lstm_rpcs_total", method="Step", code="OK") == 2
+    assert value(after, "lstm_rpcs_total", method="StreamSteps", code="OK") == 1
+    assert value(after, "lstm_rpcs_total", method="DeleteSession", code="OK") == 1
+    assert value(after, "lstm_rpc_duration_seconds_count", method="Step") == 2
+    assert value(after, "lstm_rpc_duration_seconds_count", method="StreamSteps") == 1
+    # 42 events reached a run: 41 applied and 1 duplicate; queue wait is for applied ones.
+    assert value(after, "lstm_event_latency_seconds_count") == 42
+    assert value(after, "lstm_event_latency_seconds_sum") > 0
+    assert value(after, "lstm_queue_wait_seconds_count") == 41
+    assert value(after, "lstm_batch_size_sum") == 41
+    assert value(after, "lstm_batch_size_count") == 2  # the duplicate-only run skips ONNX
+    assert value(after, "lstm_inference_duration_seconds_count") == value(
+        after, "lstm_batch_size_count"
+    )
+    for name in ("lstm_event_latency_seconds_count", "lstm_batch_size_count"):
+        assert value(before, name) == 0
+
+
+async def test_failed_rpcs_are_counted_by_code(
+    server: Server, stub: pb_grpc.LstmStreamStub
+) -> None:
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await stub.GetSession(pb.SessionRef(session_id="nobody"))
+    samples = await scrape(server)
+    assert value(samples, "lstm_rpcs_total", method="GetSession", code="NOT_FOUND") == 1

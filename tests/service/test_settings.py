@@ -1,0 +1,57 @@
+"""Settings: flags over LSTM_* variables over defaults, with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from service.settings import Settings
+
+
+def test_defaults() -> None:
+    s = Settings.from_args([], env={})
+    assert (s.port, s.metrics_port, s.device, s.ort_threads, s.model) == (
+        50051,
+        9464,
+        "auto",
+        1,
+        None,
+    )
+    assert s.metrics_bind_host == s.host == "127.0.0.1"
+
+
+def test_every_field_has_a_flag_and_a_variable() -> None:
+    special = {"device": "cpu", "log_format": "text", "log_level": "DEBUG", "host": "::1"}
+    for f in dataclasses.fields(Settings):
+        text = special.get(f.name, "2048")
+        from_env = Settings.from_args([], env={"LSTM_" + f.name.upper(): text})
+        from_flag = Settings.from_args(["--" + f.name.replace("_", "-"), text], env={})
+        assert getattr(from_env, f.name) == getattr(from_flag, f.name), f.name
+        assert str(getattr(from_flag, f.name)) in (text, text + ".0"), f.name
+
+
+def test_flags_win_over_environment() -> None:
+    s = Settings.from_args(
+        ["--max-batch", "32", "--session-ttl", "0"],
+        env={"LSTM_MAX_BATCH": "8", "LSTM_MAX_SESSIONS": "5", "LSTM_MODEL": "m.onnx"},
+    )
+    assert (s.max_batch, s.session_ttl, s.max_sessions, s.model) == (32, 0.0, 5, "m.onnx")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--max-batch", "0"], {}, "--max-batch must be >= 1"),
+        (["--device", "tpu"], {}, "invalid choice: 'tpu'"),
+        ([], {"LSTM_PORT": "eighty"}, "LSTM_PORT='eighty' is not a valid int"),
+        (["--session-ttl", "-1"], {}, "--session-ttl must be >= 0"),
+    ],
+)
+def test_bad_values_exit_2_with_a_message(
+    argv: list[str], env: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        Settings.from_args(argv, env=env)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
