@@ -87,7 +87,7 @@ async def test_client_disconnect_mid_stream_leaves_server_healthy(
     call.cancel()  # the client goes away with requests in flight
     await asyncio.sleep(0.5)
 
-    assert server.metrics.active_streams._value.get() == 0
+    assert server.metrics.registry.get_sample_value("lstm_active_streams") == 0
     assert len(asyncio.all_tasks()) <= baseline
     assert await health_of(channel) == SERVING
     # Whatever was applied was applied whole and in order: state == reference after `step` events.
