@@ -8,7 +8,7 @@ METRICS_PORT ?= 9464
 
 .DEFAULT_GOAL := help
 
-.PHONY: help venv test test-gpu lint format proto run bench-export clean
+.PHONY: help venv test test-gpu lint format proto run bench bench-export clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -47,6 +47,9 @@ lint: $(STAMP) ## ruff (lint + format check) and mypy
 format: $(STAMP) ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+bench: $(STAMP) ## the load benchmark vs the echo baseline; JSON, table and plots in docs/perf/
+	$(BIN)/lstm-bench --suite --out docs/perf
 
 bench-export: $(STAMP) ## time the two ONNX graph forms per batch size
 	$(BIN)/python -m model_export.bench

@@ -7,16 +7,16 @@ import contextlib
 import enum
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
 from service.metrics import Metrics
 from service.runtime import Runtime
-from service.sessions import SessionCapError, SessionSnapshot, SessionTable, session_id_error
+from service.sessions import SessionSnapshot, SessionTable, session_id_error
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ _OUTCOME = {
     Code.INTERNAL: "failed",
     Code.UNAVAILABLE: "unavailable",
 }
+NOT_FINITE = "values contain NaN or Inf"
+MODEL_FAILED = "the model failed on this event's batch"
 
 
 class BatcherClosed(Exception):
@@ -46,70 +48,129 @@ class BatcherClosed(Exception):
 
 @dataclass
 class EventBlock:
-    """The events of one request, decoded: n ids, ``[n, E]`` values, seqs, resets.
+    """The events of one request, decoded: n ids, ``[n, E]`` float32 values, seqs, resets.
 
-    ``bad`` holds per-event problems found while decoding (e.g. a wrong number of
-    values); those rows of ``values`` are ignored.
+    ``seqs``/``resets`` may be None (all 0 / all false). ``bad`` holds per-event
+    problems found while decoding (e.g. a wrong number of values); those rows of
+    ``values`` are ignored.
     """
 
     session_ids: Sequence[str]
     values: np.ndarray
-    seqs: np.ndarray
-    resets: np.ndarray
-    bad: dict[int, str]
+    seqs: np.ndarray | None = None
+    resets: np.ndarray | None = None
+    bad: dict[int, str] | None = None
 
 
 class Job:
-    """One request in flight: its events, their results, and one future for all of them."""
+    """One request in flight; ``future`` resolves (to the job) when every event is answered.
+
+    The result arrays are views into arrays shared by every request admitted in
+    the same intake, so a request costs no allocation of its own.
+    """
 
     __slots__ = (
+        "block",
         "codes",
         "duplicates",
         "errors",
         "future",
+        "include_state",
         "n",
         "outputs",
-        "pending",
-        "resets",
-        "seqs",
-        "slots",
+        "remaining",
         "states",
         "steps",
         "t0",
-        "values",
     )
 
-    def __init__(self, block: EventBlock, output_size: int, state_sizes: Sequence[int] | None):
-        n = len(block.session_ids)
-        self.n = n
-        self.values = block.values
-        self.seqs = block.seqs
-        self.resets = block.resets
-        self.slots = np.full(n, -1, np.int64)
+    def __init__(self, block: EventBlock, include_state: bool, future: asyncio.Future[Job]):
+        self.block = block
+        self.n = len(block.session_ids)
+        self.include_state = include_state
+        self.future = future
+        self.t0 = time.perf_counter()
+        self.errors: dict[int, str] = {}
+        self.remaining = 0
+        self.steps: np.ndarray
+        self.outputs: np.ndarray
+        self.codes: np.ndarray
+        self.duplicates: np.ndarray
+        self.states: list[np.ndarray] | None = None
+
+    def fail(self, i: int, code: Code, message: str) -> None:
+        self.codes[i] = code
+        self.errors[i] = message
+
+
+class _Intake:
+    """Result arrays for the requests admitted together; jobs hold views of them."""
+
+    __slots__ = ("codes", "duplicates", "jobs", "outputs", "starts", "states", "steps")
+
+    def __init__(
+        self, jobs: list[Job], starts: list[int], output_size: int, state_sizes: Sequence[int]
+    ):
+        self.jobs = jobs
+        self.starts = starts
+        """Row of each job's first event; ``starts[-1]`` is the number of events."""
+        n = starts[-1]
         self.steps = np.zeros(n, np.uint64)
         self.outputs = np.zeros((n, output_size), np.float32)
         self.codes = np.zeros(n, np.int32)
         self.duplicates = np.zeros(n, np.bool_)
-        self.errors: dict[int, str] = {}
-        self.states = (
-            None if state_sizes is None else [np.zeros((n, k), np.float32) for k in state_sizes]
-        )
-        self.pending = np.zeros(0, np.int64)
-        self.t0 = time.perf_counter()
-        self.future: asyncio.Future[Job] | None = None
+        with_state = any(job.include_state for job in jobs)
+        self.states = [np.zeros((n, k), np.float32) for k in state_sizes] if with_state else None
 
-    def fail(self, rows: np.ndarray | Sequence[int], code: Code, message: str) -> None:
-        for i in np.asarray(rows, np.int64).tolist():
-            self.codes[i] = code
-            self.errors[i] = message
+
+class _Pool:
+    """Accepted events not yet applied, oldest first, as parallel arrays."""
+
+    def __init__(self, event_size: int):
+        self.slots = np.zeros(0, np.int64)
+        self.values = np.zeros((0, event_size), np.float32)
+        self.seqs = np.zeros(0, np.uint64)
+        self.resets = np.zeros(0, np.bool_)
+        self.t0 = np.zeros(0, np.float64)
+        self.intake = np.zeros(0, np.int64)  # key into Batcher._intakes
+        self.row = np.zeros(0, np.int64)  # row in that intake's arrays
+        self.job = np.zeros(0, np.int64)  # job number inside that intake
+
+    FIELDS = ("slots", "values", "seqs", "resets", "t0", "intake", "row", "job")
+
+    def __len__(self) -> int:
+        return self.slots.size
+
+    def extend(self, **new: np.ndarray) -> None:
+        for name in self.FIELDS:
+            old = getattr(self, name)
+            setattr(self, name, np.concatenate((old, new[name])) if old.size else new[name])
+
+    def take(self, picked: np.ndarray) -> dict[str, np.ndarray]:
+        """Remove and return the rows at ``picked`` (sorted positions)."""
+        out = {}
+        if picked.size == len(self):
+            for name in self.FIELDS:
+                out[name] = getattr(self, name)
+                setattr(self, name, out[name][:0])
+            return out
+        keep = np.ones(len(self), np.bool_)
+        keep[picked] = False
+        for name in self.FIELDS:
+            column = getattr(self, name)
+            out[name] = column[picked]
+            setattr(self, name, column[keep])
+        return out
 
 
 class Batcher:
     """Owns the session table; applies events in arrival order per session.
 
-    Each run takes at most one pending event per session (a session's next event
-    waits for the next run) and at most ``max_batch`` events, and starts as soon
-    as the previous run is done, so a quiet server answers at once and a busy one
+    Requests are queued as they arrive (no per-event work on the caller's side
+    beyond decoding). The run loop admits everything queued in one vectorised
+    intake (validation, id lookup, session creation), then runs ONNX Runtime on
+    the earliest pending event of each session, at most ``max_batch``, as soon
+    as the previous run is done: a quiet server answers at once and a busy one
     forms large batches. The table is only touched on the event loop thread;
     ONNX Runtime runs on copies of the gathered rows in a worker thread.
     """
@@ -128,7 +189,10 @@ class Batcher:
         self.max_batch = max_batch
         self.max_session_id_bytes = max_session_id_bytes
         self.event_size = runtime.spec.event_size
-        self._jobs: deque[Job] = deque()
+        self._inbox: list[Job] = []
+        self._pool = _Pool(self.event_size)
+        self._intakes: dict[int, _Intake] = {}
+        self._next_intake = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -136,11 +200,12 @@ class Batcher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._loop = asyncio.get_running_loop()
 
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        self._task = self._loop.create_task(self._run_loop(), name="batcher")
 
     async def drain(self) -> None:
         """Refuse new events and wait until every accepted one is answered."""
@@ -158,76 +223,174 @@ class Batcher:
     # -- events ----------------------------------------------------------------------
 
     def submit(self, block: EventBlock, include_state: bool = False) -> Job:
-        """Validate and queue a request's events; ``job.future`` resolves when all are answered.
+        """Queue a request's events; ``job.future`` resolves when all of them are answered."""
+        if self._closed:
+            raise BatcherClosed("the server is draining")
+        job = Job(block, include_state, self._loop.create_future())
+        self._inbox.append(job)
+        if not self._wake.is_set():
+            self._idle.clear()
+            self._wake.set()
+        return job
+
+    def _admit(self) -> None:
+        """Validate and place everything in the inbox: one vectorised pass for all requests.
 
         Rejected events get their code here and never touch a session; a new
         session is created only for an event that will be applied.
         """
-        if self._closed:
-            raise BatcherClosed("the server is draining")
+        jobs, self._inbox = self._inbox, []
         table = self.table
-        job = Job(block, table.output_size, table.state_sizes if include_state else None)
-        n = job.n
-        codes = job.codes
-        for i, message in block.bad.items():
-            job.fail([i], Code.INVALID_ARGUMENT, message)
-        if n:
-            not_finite = np.flatnonzero(~np.isfinite(block.values).all(axis=1) & (codes == 0))
-            if not_finite.size:
-                job.fail(not_finite, Code.INVALID_ARGUMENT, "values contain NaN or Inf")
-        slots = table.lookup(block.session_ids)
-        unknown = np.flatnonzero((slots < 0) & (codes == 0))
+        counts = [job.n for job in jobs]
+        starts = np.cumsum([0, *counts]).tolist()
+        n = starts[-1]
+        spec = self.runtime.spec
+        intake = _Intake(jobs, starts, spec.output_size, spec.state_sizes)
+        key = self._next_intake
+        self._next_intake += 1
+        for j, job in enumerate(jobs):
+            lo, hi = starts[j], starts[j + 1]
+            job.steps = intake.steps[lo:hi]
+            job.outputs = intake.outputs[lo:hi]
+            job.codes = intake.codes[lo:hi]
+            job.duplicates = intake.duplicates[lo:hi]
+            if job.include_state and intake.states is not None:
+                job.states = [s[lo:hi] for s in intake.states]
+        if n == 0:
+            for job in jobs:
+                job.future.set_result(job)
+            return
+
+        blocks = [job.block for job in jobs]
+        ids: Sequence[str] = (
+            blocks[0].session_ids
+            if len(blocks) == 1
+            else list(chain.from_iterable(b.session_ids for b in blocks))
+        )
+        values = (
+            blocks[0].values if len(blocks) == 1 else np.concatenate([b.values for b in blocks])
+        )
+        seqs = _column([b.seqs for b in blocks], counts, np.uint64)
+        resets = _column([b.resets for b in blocks], counts, np.bool_)
+        job_of = np.repeat(np.arange(len(jobs)), counts)
+
+        codes = intake.codes
+        for j, block in enumerate(blocks):
+            if block.bad:
+                for i, message in block.bad.items():
+                    jobs[j].fail(i, Code.INVALID_ARGUMENT, message)
+        not_finite = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        for i in not_finite.tolist():
+            if not codes[i]:
+                j = int(job_of[i])
+                jobs[j].fail(i - starts[j], Code.INVALID_ARGUMENT, NOT_FINITE)
+        slots = table.lookup(ids)
+        unknown = np.flatnonzero(slots < 0)
         if unknown.size:
-            self._create_sessions(job, block.session_ids, slots, unknown)
-        job.slots = slots
-        accepted = np.flatnonzero(codes == 0)
-        self._count_rejections(codes)
-        known = slots >= 0
-        job.steps[known] = table.step[slots[known]]
-        loop = asyncio.get_running_loop()
-        job.future = loop.create_future()
-        if accepted.size == 0:
-            job.future.set_result(job)
-            return job
-        np.add.at(table.pending, slots[accepted], 1)
-        job.pending = accepted
-        self._jobs.append(job)
-        self._idle.clear()
-        self._wake.set()
-        return job
+            self._create_sessions(jobs, starts, job_of, ids, slots, unknown, codes)
+        ok = codes == 0
+        if not ok.all():
+            self._count_rejections(codes)
+            known = slots >= 0
+            intake.steps[known] = table.step[slots[known]]
+        accepted = np.flatnonzero(ok)
+        per_job = np.bincount(job_of[accepted], minlength=len(jobs)).tolist()
+        for job, remaining in zip(jobs, per_job):
+            job.remaining = remaining
+            if not remaining:
+                job.future.set_result(job)
+        if not accepted.size:
+            return
+        self._intakes[key] = intake
+        t0 = np.repeat(np.array([job.t0 for job in jobs]), counts)
+        if accepted.size == n:
+            acc_slots = slots
+            self._pool.extend(
+                slots=slots,
+                values=values,
+                seqs=seqs,
+                resets=resets,
+                t0=t0,
+                intake=np.full(n, key, np.int64),
+                row=np.arange(n),
+                job=job_of,
+            )
+        else:
+            acc_slots = slots[accepted]
+            self._pool.extend(
+                slots=acc_slots,
+                values=values[accepted],
+                seqs=seqs[accepted],
+                resets=resets[accepted],
+                t0=t0[accepted],
+                intake=np.full(accepted.size, key, np.int64),
+                row=accepted,
+                job=job_of[accepted],
+            )
+        np.add.at(table.pending, acc_slots, 1)
 
     def _create_sessions(
-        self, job: Job, ids: Sequence[str], slots: np.ndarray, rows: np.ndarray
+        self,
+        jobs: list[Job],
+        starts: list[int],
+        job_of: np.ndarray,
+        ids: Sequence[str],
+        slots: np.ndarray,
+        unknown: np.ndarray,
+        codes: np.ndarray,
     ) -> None:
+        """Create the sessions of new ids in bulk; refuse bad ids and ids over the cap.
+
+        Every event of a refused id gets the same answer as its first one.
+        """
         table = self.table
-        now = time.time()
-        for i in rows.tolist():
+        refused: dict[str, tuple[Code, str]] = {}
+        first_row: dict[str, int] = {}
+        rows = [i for i in unknown.tolist() if not codes[i]]
+        for i in rows:
             sid = ids[i]
-            slot = table.index.get(sid)  # created by an earlier row of this request
-            if slot is None:
-                problem = session_id_error(sid, self.max_session_id_bytes)
-                if problem is not None:
-                    job.fail([i], Code.INVALID_ARGUMENT, problem)
-                    continue
-                try:
-                    slot = table.create(sid, now)
-                except SessionCapError as exc:
-                    job.fail([i], Code.RESOURCE_EXHAUSTED, str(exc))
-                    continue
-            slots[i] = slot
+            if sid in first_row or sid in refused:
+                continue
+            problem = session_id_error(sid, self.max_session_id_bytes)
+            if problem is None:
+                first_row[sid] = i
+            else:
+                refused[sid] = (Code.INVALID_ARGUMENT, problem)
+        new_ids = list(first_row)
+        room = table.room()
+        if len(new_ids) > room:  # the earliest new sessions fit; the rest are refused
+            full = (
+                Code.RESOURCE_EXHAUSTED,
+                f"the server holds its maximum of {table.max_sessions} sessions",
+            )
+            for sid in new_ids[room:]:
+                refused[sid] = full
+            new_ids = new_ids[:room]
+        if new_ids:
+            table.create_many(new_ids, time.time())
+        index = table.index
+        for i in rows:
+            sid = ids[i]
+            if sid in refused:
+                j = int(job_of[i])
+                jobs[j].fail(i - starts[j], *refused[sid])
+            else:
+                slots[i] = index[sid]
 
     def _count_rejections(self, codes: np.ndarray) -> None:
-        if not codes.any():
-            return
         values, counts = np.unique(codes[codes != 0], return_counts=True)
         for code, count in zip(values.tolist(), counts.tolist()):
             self.metrics.count_events(_OUTCOME[Code(code)], count)
 
     # -- the run loop --------------------------------------------------------------
 
-    async def _loop(self) -> None:
+    async def _run_loop(self) -> None:
         while True:
-            if not self._jobs:
+            if self._inbox:
+                self._admit()
+            if not len(self._pool):
+                if self._inbox:
+                    continue
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
@@ -237,118 +400,116 @@ class Batcher:
                     await self._run_once()
                 except Exception:  # a bug here must not stop the server's only batcher
                     log.exception("batcher run failed")
-                    self._fail_all("internal error in the batcher")
+                    self._fail_pool("internal error in the batcher")
 
-    def _select(self) -> tuple[list[Job], np.ndarray, np.ndarray, np.ndarray]:
-        """Pick the earliest pending event of each session, oldest first, up to max_batch.
-
-        Returns the jobs looked at, and for each picked event its job number, its
-        index inside the job and its position in that job's pending list.
-        """
-        jobs: list[Job] = []
-        parts: list[np.ndarray] = []
-        seen = 0
-        for job in self._jobs:  # bounded look-ahead keeps a deep queue cheap
-            jobs.append(job)
-            parts.append(job.slots[job.pending])
-            seen += job.pending.size
-            if seen >= 4 * self.max_batch:
-                break
-        cat = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        _, first = np.unique(cat, return_index=True)
-        picked = np.sort(first)[: self.max_batch]
-        starts = np.cumsum([0] + [p.size for p in parts])
-        job_of = np.searchsorted(starts, picked, side="right") - 1
-        pos = picked - starts[job_of]
-        return jobs, job_of, pos, cat[picked]
+    def _pick(self) -> np.ndarray:
+        """Positions in the pool of the earliest event of each session, oldest first."""
+        slots = self._pool.slots
+        _, first = np.unique(slots, return_index=True)
+        if first.size == slots.size and first.size <= self.max_batch:
+            return np.arange(slots.size)  # the common case: every pending session once
+        return np.sort(first)[: self.max_batch]
 
     async def _run_once(self) -> None:
         table = self.table
-        jobs, job_of, pos, slots = self._select()
-        bounds = np.searchsorted(job_of, np.arange(len(jobs) + 1))
-        segments = []  # (job, event indices, positions in job.pending, batch slice)
-        for j, job in enumerate(jobs):
-            lo, hi = int(bounds[j]), int(bounds[j + 1])
-            if lo < hi:
-                p = pos[lo:hi]
-                segments.append((job, job.pending[p], p, slice(lo, hi)))
-        if len(segments) == 1:
-            job, idx, _, _ = segments[0]
-            values, seqs, resets = job.values[idx], job.seqs[idx], job.resets[idx]
-            t0s = np.full(idx.size, job.t0)
-        else:
-            values = np.concatenate([s[0].values[s[1]] for s in segments])
-            seqs = np.concatenate([s[0].seqs[s[1]] for s in segments])
-            resets = np.concatenate([s[0].resets[s[1]] for s in segments])
-            t0s = np.concatenate([np.full(s[1].size, s[0].t0) for s in segments])
-
+        batch = self._pool.take(self._pick())
+        slots, seqs, resets = batch["slots"], batch["seqs"], batch["resets"]
         duplicate = (seqs > 0) & (seqs <= table.last_seq[slots])
         apply = ~duplicate
-        run_slots = slots[apply]
+        all_apply = not duplicate.any()
+        run_slots = slots if all_apply else slots[apply]
         failed = False
         if run_slots.size:
             states = [t[run_slots] for t in table.states]
-            run_resets = resets[apply]
+            run_resets = resets if all_apply else resets[apply]
             if run_resets.any():
                 for s in states:
                     s[run_resets] = 0.0
+            values = batch["values"] if all_apply else batch["values"][apply]
             started = time.perf_counter()
-            self.metrics.queue_seconds.observe_many(started - t0s[apply])
+            self.metrics.queue_seconds.observe_many(
+                started - (batch["t0"] if all_apply else batch["t0"][apply])
+            )
             try:
-                output, new_states = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.runtime.run, values[apply], states
+                output, new_states, cpu = await self._loop.run_in_executor(
+                    self._executor, self.runtime.timed_run, values, states
                 )
             except Exception:
                 log.exception("ONNX Runtime failed on a batch of %d events", run_slots.size)
                 failed = True
             else:
                 self.metrics.inference_seconds.observe(time.perf_counter() - started)
+                self.metrics.inference_cpu.inc(cpu)
                 self.metrics.batch_size.observe(run_slots.size)
                 for t, s in zip(table.states, new_states):
                     t[run_slots] = s
-                table.output[run_slots] = output
+                if table.output_alias is None:
+                    table.output[run_slots] = output
                 table.step[run_slots] += np.uint64(1)
-                run_seqs = seqs[apply]
-                table.last_seq[run_slots] = np.where(
-                    run_seqs > 0, run_seqs, table.last_seq[run_slots]
-                )
+                run_seqs = seqs if all_apply else seqs[apply]
+                if run_seqs.any():
+                    table.last_seq[run_slots] = np.maximum(table.last_seq[run_slots], run_seqs)
                 table.updated[run_slots] = time.time()
 
-        done = time.perf_counter()
-        for job, idx, p, sl in segments:
-            job_slots = slots[sl]
-            job.duplicates[idx] = duplicate[sl]
-            job.steps[idx] = table.step[job_slots]
-            job.outputs[idx] = table.output[job_slots]
-            if failed:
-                rows = idx[apply[sl]]
-                job.fail(rows, Code.INTERNAL, "the model failed on this event's batch")
-                job.outputs[rows] = 0.0
-            if job.states is not None:
-                for out, t in zip(job.states, table.states):
-                    out[idx] = t[job_slots]
-            job.pending = np.delete(job.pending, p)
-            if job.pending.size == 0 and job.future is not None and not job.future.done():
-                job.future.set_result(job)
+        self._answer(batch, duplicate, failed)
         table.finish(slots)
-
-        applied = 0 if failed else int(apply.sum())
+        applied = 0 if failed else int(run_slots.size)
         self.metrics.count_events("applied", applied)
-        self.metrics.count_events("duplicate", int(duplicate.sum()))
-        self.metrics.count_events("failed", int(apply.sum()) - applied)
-        self.metrics.event_seconds.observe_many(done - t0s)
-        if any(job.pending.size == 0 for job in jobs):
-            self._jobs = deque(job for job in self._jobs if job.pending.size)
+        self.metrics.count_events("duplicate", int(slots.size - run_slots.size))
+        self.metrics.count_events("failed", int(run_slots.size) - applied)
+        self.metrics.event_seconds.observe_many(time.perf_counter() - batch["t0"])
 
-    def _fail_all(self, message: str) -> None:
-        for job in self._jobs:
-            job.fail(job.pending, Code.INTERNAL, message)
-            for slot in job.slots[job.pending].tolist():  # a slot may repeat: one finish each
-                self.table.finish(np.array([slot]))
-            job.pending = np.zeros(0, np.int64)
-            if job.future is not None and not job.future.done():
-                job.future.set_result(job)
-        self._jobs.clear()
+    def _answer(self, batch: dict[str, np.ndarray], duplicate: np.ndarray, failed: bool) -> None:
+        """Copy each event's result into its request; resolve requests that are complete."""
+        table = self.table
+        slots, intakes, rows, jobs = batch["slots"], batch["intake"], batch["row"], batch["job"]
+        steps = table.step[slots]
+        outputs = table.output[slots]
+        # Events are in pool order, so each intake's events are contiguous.
+        cuts = np.flatnonzero(intakes[1:] != intakes[:-1]) + 1
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), slots.size]):
+            key = int(intakes[lo])
+            intake = self._intakes[key]
+            r = rows[lo:hi]
+            intake.steps[r] = steps[lo:hi]
+            intake.outputs[r] = outputs[lo:hi]
+            intake.duplicates[r] = duplicate[lo:hi]
+            if intake.states is not None:
+                for out, t in zip(intake.states, table.states):
+                    out[r] = t[slots[lo:hi]]
+            if failed:
+                bad = r[~duplicate[lo:hi]]
+                intake.codes[bad] = Code.INTERNAL
+                intake.outputs[bad] = 0.0
+            done_jobs, done_counts = np.unique(jobs[lo:hi], return_counts=True)
+            finished = 0
+            for j, count in zip(done_jobs.tolist(), done_counts.tolist()):
+                job = intake.jobs[j]
+                if failed:
+                    for i in r[(jobs[lo:hi] == j) & ~duplicate[lo:hi]].tolist():
+                        job.errors[i - intake.starts[j]] = MODEL_FAILED
+                job.remaining -= count
+                if job.remaining == 0:
+                    job.future.set_result(job)
+                    finished += 1
+            if finished and all(jb.remaining == 0 for jb in intake.jobs):
+                del self._intakes[key]
+
+    def _fail_pool(self, message: str) -> None:
+        """After a batcher bug: answer every pending event INTERNAL and forget them."""
+        batch = self._pool.take(np.arange(len(self._pool)))
+        for slot in batch["slots"].tolist():  # a slot may repeat: one finish each
+            self.table.finish(np.array([slot]))
+        for key, intake in list(self._intakes.items()):
+            mask = batch["intake"] == key
+            for row, j in zip(batch["row"][mask].tolist(), batch["job"][mask].tolist()):
+                job = intake.jobs[j]
+                job.fail(row - intake.starts[j], Code.INTERNAL, message)
+                job.remaining -= 1
+            for job in intake.jobs:
+                if job.remaining <= 0 and not job.future.done():
+                    job.future.set_result(job)
+            del self._intakes[key]
 
     # -- session operations (between runs) -------------------------------------------
 
@@ -393,3 +554,12 @@ class Batcher:
             self.metrics.evictions.labels("ttl").inc(len(ids))
             log.info("evicted %d idle sessions (ttl %.0fs)", len(ids), ttl)
         return len(ids)
+
+
+def _column(parts: list[np.ndarray | None], counts: list[int], dtype: type) -> np.ndarray:
+    """Concatenate optional per-request columns; None stands for zeros."""
+    if all(p is None for p in parts):
+        return np.zeros(sum(counts), dtype)
+    return np.concatenate(
+        [np.zeros(c, dtype) if p is None else np.asarray(p, dtype) for p, c in zip(parts, counts)]
+    )

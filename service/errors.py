@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -41,7 +40,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def rpc(method: str) -> Callable[[F], F]:
-    """Wrap a servicer method: map exceptions to status, count and time the call.
+    """Wrap a servicer coroutine: map exceptions to status, count and time the call.
 
     The servicer provides ``self.metrics`` and ``self.last_call_at`` (set here, so a
     draining server can tell when calls have stopped arriving). Handlers raise; only
@@ -56,28 +55,8 @@ def rpc(method: str) -> Callable[[F], F]:
         await context.abort(code, message)
 
     def decorate(handler: F) -> F:
-        if inspect.isasyncgenfunction(handler):
-
-            @functools.wraps(handler)
-            async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
-                self.last_call_at = time.monotonic()
-                try:
-                    async for response in handler(self, request, context):
-                        yield response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await fail(self.metrics, context, exc)
-                    return
-                except BaseException:
-                    self.metrics.rpcs.labels(method, "CANCELLED").inc()
-                    raise
-                self.metrics.rpcs.labels(method, "OK").inc()
-
-            return stream  # type: ignore[return-value]
-
         @functools.wraps(handler)
-        async def unary(self: Any, request: Any, context: Any) -> Any:
+        async def wrapper(self: Any, request: Any, context: Any) -> Any:
             start = time.perf_counter()
             self.last_call_at = time.monotonic()
             try:
@@ -93,6 +72,6 @@ def rpc(method: str) -> Callable[[F], F]:
             self.metrics.rpcs.labels(method, "OK").inc()
             return response
 
-        return unary  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
 
     return decorate

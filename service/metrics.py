@@ -112,6 +112,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.inference_cpu = Counter(
+            "lstm_inference_cpu_seconds",
+            "CPU time ONNX Runtime spent in runs (its thread).",
+            registry=r,
+        )
         self.live_sessions = Gauge("lstm_live_sessions", "Sessions in memory.", registry=r)
         self.evictions = Counter(
             "lstm_evictions", "Sessions evicted, by reason.", ["reason"], registry=r

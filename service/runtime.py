@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ class ModelSpec:
     state_sizes: tuple[int, ...]
     source: str
     metadata: dict[str, str] = field(default_factory=dict)
+    output_alias: int | None = None
+    """Index of the state whose new value *is* ``output`` (``output = Identity(S_out)``)."""
 
     @property
     def fingerprint(self) -> str:
@@ -98,7 +102,7 @@ class Runtime:
                 "--device cuda: the CUDA execution provider failed to initialise "
                 "(no usable NVIDIA GPU or CUDA/cuDNN libraries); see the log above"
             )
-        self.spec = _check_contract(self._session, source)
+        self.spec = _check_contract(self._session, source, _output_alias(model))
         self._outputs = ["output", *(f"{name}_out" for name in self.spec.state_names)]
         log.info(
             "model loaded: source=%s provider=%s event_size=%d output_size=%d states=%s",
@@ -118,6 +122,14 @@ class Runtime:
         output, *new_states = self._session.run(self._outputs, feeds)
         return output, new_states
 
+    def timed_run(
+        self, event: np.ndarray, states: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray], float]:
+        """``run`` plus the CPU seconds this thread spent in it (for the inference-share metric)."""
+        start = time.thread_time()
+        output, new_states = self.run(event, states)
+        return output, new_states, time.thread_time() - start
+
     def warm_up(self, max_batch: int) -> None:
         """Run a few batch sizes so the first real request pays no allocation cost."""
         for batch in sorted({1, min(16, max_batch), max_batch}):
@@ -127,7 +139,25 @@ class Runtime:
                 self.run(event, states)
 
 
-def _check_contract(session: ort.InferenceSession, source: str) -> ModelSpec:
+def _output_alias(model: bytes) -> str | None:
+    """The state output that ``output`` merely copies, if the graph says so (plain LSTM)."""
+    try:
+        graph = onnx.load_model_from_string(model).graph
+    except Exception:  # ORT has loaded it; an unparsable graph just gets no aliasing
+        return None
+    if any(o.name == "output" for o in graph.input) or len(graph.node) == 0:
+        return None
+    for node in graph.node:
+        if "output" in node.output:
+            if node.op_type == "Identity" and node.input[0].endswith("_out"):
+                return node.input[0][: -len("_out")]
+            return None
+    return None
+
+
+def _check_contract(
+    session: ort.InferenceSession, source: str, alias: str | None = None
+) -> ModelSpec:
     def describe(args: Sequence[ort.NodeArg]) -> dict[str, ort.NodeArg]:
         return {a.name: a for a in args}
 
@@ -172,11 +202,18 @@ def _check_contract(session: ort.InferenceSession, source: str) -> ModelSpec:
             )
         sizes.append(size)
     meta = session.get_modelmeta().custom_metadata_map
+    event_size = width(inputs["event"], "input")
+    output_size = width(outputs["output"], "output")
     return ModelSpec(
-        event_size=width(inputs["event"], "input"),
-        output_size=width(outputs["output"], "output"),
+        event_size=event_size,
+        output_size=output_size,
         state_names=state_names,
         state_sizes=tuple(sizes),
         source=source,
         metadata=dict(meta),
+        output_alias=(
+            state_names.index(alias)
+            if alias in state_names and sizes[state_names.index(alias)] == output_size
+            else None
+        ),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -52,15 +53,19 @@ class SessionTable:
         output_size: int,
         max_sessions: int,
         initial_capacity: int = 1024,
+        output_alias: int | None = None,
     ):
         self.state_sizes = tuple(state_sizes)
         self.output_size = output_size
+        self.output_alias = output_alias
+        """When the model's output *is* state ``k`` (plain LSTM: hidden), no copy is kept."""
         self.max_sessions = max_sessions
         self.index: dict[str, int] = {}
         self.ids: list[str | None] = []
         self.capacity = 0
         self.states: list[np.ndarray] = [np.zeros((0, n), np.float32) for n in self.state_sizes]
         self.output = np.zeros((0, output_size), np.float32)
+        """Each row's last output; the state array itself when ``output_alias`` is set."""
         self.step = np.zeros(0, np.uint64)
         self.last_seq = np.zeros(0, np.uint64)
         self.created = np.zeros(0, np.float64)
@@ -78,25 +83,40 @@ class SessionTable:
 
     def lookup(self, session_ids: Sequence[str]) -> np.ndarray:
         """Rows of the given ids, -1 for ids not in the table."""
-        get = self.index.get
-        return np.fromiter((get(s, -1) for s in session_ids), np.int64, len(session_ids))
+        return np.fromiter(map(self.index.get, session_ids, repeat(-1)), np.int64, len(session_ids))
 
     def create(self, session_id: str, now: float | None = None) -> int:
         """A zeroed row for a new session; raises SessionCapError at the cap."""
-        if len(self.index) >= self.max_sessions:
+        return int(self.create_many([session_id], time.time() if now is None else now)[0])
+
+    def room(self) -> int:
+        """How many more sessions fit under the cap."""
+        return self.max_sessions - len(self.index)
+
+    def create_many(self, session_ids: Sequence[str], now: float) -> np.ndarray:
+        """Zeroed rows for new, distinct ids, all at once; raises SessionCapError past the cap."""
+        n = len(session_ids)
+        if n > self.room():
             raise SessionCapError(f"the server holds its maximum of {self.max_sessions} sessions")
-        if not self._free:
-            self._grow(min(max(2 * self.capacity, 1), self.max_sessions + self._n_doomed()))
-        slot = self._free.pop()
-        now = time.time() if now is None else now
-        self._zero(slot)
-        self.step[slot] = 0
-        self.last_seq[slot] = 0
-        self.created[slot] = now
-        self.updated[slot] = now
-        self.index[session_id] = slot
-        self.ids[slot] = session_id
-        return slot
+        if n > len(self._free):
+            need = self.capacity + n - len(self._free)
+            self._grow(min(max(2 * self.capacity, need), self.max_sessions + self._n_doomed()))
+        free = self._free
+        slots = np.array(free[len(free) - n :][::-1], np.int64)
+        del free[len(free) - n :]
+        for table in self.states:
+            table[slots] = 0.0
+        if self.output_alias is None:
+            self.output[slots] = 0.0
+        self.step[slots] = 0
+        self.last_seq[slots] = 0
+        self.created[slots] = now
+        self.updated[slots] = now
+        ids = self.ids
+        for session_id, slot in zip(session_ids, slots.tolist()):
+            ids[slot] = session_id
+        self.index.update(zip(session_ids, slots.tolist()))
+        return slots
 
     def reset(self, slot: int) -> None:
         """Zero the state of a row; counters are kept."""
@@ -108,7 +128,8 @@ class SessionTable:
         """Overwrite a row (PutSession); a None state means zeros."""
         for table, value in zip(self.states, states):
             table[slot] = 0.0 if value is None else value
-        self.output[slot] = 0.0
+        if self.output_alias is None:
+            self.output[slot] = 0.0
         self.step[slot] = step
         self.last_seq[slot] = last_seq
         self.updated[slot] = now
@@ -160,7 +181,8 @@ class SessionTable:
     def _zero(self, slot: int) -> None:
         for table in self.states:
             table[slot] = 0.0
-        self.output[slot] = 0.0
+        if self.output_alias is None:
+            self.output[slot] = 0.0
 
     def _release(self, slot: int) -> None:
         self.ids[slot] = None
@@ -173,12 +195,18 @@ class SessionTable:
             capacity = old + 1
 
         def grown(a: np.ndarray, fill: float = 0) -> np.ndarray:
-            b = np.full((capacity, *a.shape[1:]), fill, a.dtype)
+            # np.zeros maps fresh zero pages: rows cost memory only once they are used.
+            b = np.zeros((capacity, *a.shape[1:]), a.dtype)
             b[:old] = a[:old]
+            if fill:
+                b[old:] = fill
             return b
 
         self.states = [grown(t) for t in self.states]
-        self.output = grown(self.output)
+        if self.output_alias is None:
+            self.output = grown(self.output)
+        else:
+            self.output = self.states[self.output_alias]
         self.step = grown(self.step)
         self.last_seq = grown(self.last_seq)
         self.created = grown(self.created)

@@ -1,0 +1,519 @@
+"""``lstm-bench``: measure lstm-serve against the echo baseline, side by side on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from lstm_bench import procs
+from lstm_bench.load import EOF, Shape, worker_main
+from lstm_stream.v1 import lstm_stream_pb2 as pb
+from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
+
+
+def cpu_split(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """Server on the first CPU, clients on the rest, when there are at least two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, set(cpus[1:])
+
+
+def measure(
+    target: procs.Target, shape: Shape, label: str, client_procs: int, client_cpus: set[int] | None
+) -> dict[str, Any]:
+    """Run one load shape against a running target; figures cover the window after warm-up."""
+    ctx = mp.get_context("spawn")
+    progress = ctx.Value("q", 0)
+    out: mp.Queue[Any] = ctx.Queue()
+    n_procs = max(1, min(client_procs, shape.streams))
+    streams = [list(range(shape.streams))[i::n_procs] for i in range(n_procs)]
+    workers = [
+        ctx.Process(
+            target=worker_main,
+            args=(target.address, shape, s, client_cpus, progress, out),
+            daemon=True,
+        )
+        for s in streams
+    ]
+    for w in workers:
+        w.start()
+    # Worker start-up (imports) takes a while; the window starts at their warm-up's end.
+    t0 = time.monotonic()
+    while progress.value == 0 and time.monotonic() - t0 < 30:
+        time.sleep(0.01)
+    time.sleep(shape.warmup)
+    cpu0, m0, t_start = target.cpu_seconds(), target.metrics(), time.monotonic()
+    last, last_t = progress.value, t_start
+    while time.monotonic() - t_start < shape.duration:
+        time.sleep(min(0.5, max(shape.duration - (time.monotonic() - t_start), 0.01)))
+        now, count = time.monotonic(), progress.value
+        rate = (count - last) / max(now - last_t, 1e-9)
+        last, last_t = count, now
+        print(
+            f"\r  {label:<34} {now - t_start:4.1f}/{shape.duration:.0f}s {rate:>10,.0f} events/s",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+    cpu1, m1, t_end = target.cpu_seconds(), target.metrics(), time.monotonic()
+    results = [out.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+    print(file=sys.stderr)
+    requests = sum(r[0] for r in results)
+    events = sum(r[1] for r in results)
+    errors = sum(r[2] for r in results)
+    latencies = np.concatenate([np.frombuffer(r[3]) for r in results]) if requests else np.zeros(1)
+    elapsed = t_end - t_start
+    # The workers count a slightly different window than the CPU sample; rates use theirs.
+    seconds = shape.duration
+    server_cpu = cpu1 - cpu0
+
+    def delta(key: str) -> float:
+        return m1.get(key, 0.0) - m0.get(key, 0.0)
+
+    batches = delta("lstm_batch_size_count")
+    events_in_window = events * elapsed / seconds
+    figures: dict[str, Any] = {
+        "label": label,
+        "target": target.kind,
+        "shape": dataclasses.asdict(shape),
+        "events_per_s": events / seconds,
+        "requests_per_s": requests / seconds,
+        "errors": errors,
+        "latency_ms": {
+            q: float(np.percentile(latencies, p)) * 1e3
+            for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))
+        },
+        "server_cpu_util": server_cpu / elapsed,
+        "server_cpu_us_per_event": server_cpu / max(events_in_window, 1) * 1e6,
+        "server_rss_mb": target.rss_bytes() / 2**20,
+        "mean_batch": delta("lstm_batch_size_sum") / batches if batches else None,
+        "inference_share": (
+            delta("lstm_inference_cpu_seconds_total") / server_cpu
+            if batches and server_cpu > 0
+            else None
+        ),
+    }
+    return figures
+
+
+async def _create_sessions(address: str, total: int, per_request: int, streams: int) -> float:
+    """Create ``total`` new sessions through the columnar form; returns the seconds it took."""
+    values = np.zeros((per_request, 32), "<f4").tobytes()
+    async with grpc.aio.insecure_channel(
+        address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    ) as channel:
+        stub = pb_grpc.LstmStreamStub(channel)
+        n_requests = -(-total // per_request)
+        # Ids are built before the clock starts: the client's own cost is not the server's.
+        requests = [
+            pb.StepRequest(
+                batch=pb.EventBatch(
+                    session_ids=[f"m{r}-{k}" for k in range(per_request)], values=values
+                )
+            ).SerializeToString()
+            for r in range(n_requests)
+        ]
+        raw = channel.stream_stream(
+            "/lstm_stream.v1.LstmStream/StreamSteps",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        await stub.GetModelInfo(pb.ModelInfoRequest())
+        start = time.perf_counter()
+
+        async def one(chunk: list[bytes]) -> None:
+            # Two requests in flight per stream: a steady client, not a burst of 250 MB.
+            call = raw()  # type: ignore[call-arg]
+            credits = asyncio.Semaphore(2)
+
+            async def write() -> None:
+                for request in chunk:
+                    await credits.acquire()
+                    await call.write(request)
+                await call.done_writing()
+
+            writer = asyncio.ensure_future(write())
+            while await call.read() is not EOF:
+                credits.release()
+            await writer
+
+        await asyncio.gather(*(one(requests[i::streams]) for i in range(streams)))
+        return time.perf_counter() - start
+
+
+def memory_scenario(sessions: int, server_cpus: set[int] | None) -> dict[str, Any]:
+    rows = -(-sessions // 4096) * 4096
+    # Rows are preallocated (zero pages cost no memory until used), so the rate
+    # measured is creation, not array growth; growth is measured in the table's tests.
+    target = procs.start(
+        "server",
+        server_cpus,
+        [
+            "--max-sessions",
+            str(rows),
+            "--initial-capacity",
+            str(rows),
+            "--max-batch",
+            "4096",
+            "--max-events-per-request",
+            "65536",
+        ],
+    )
+    try:
+        rss0 = target.rss_bytes()
+        per_request = min(4096, sessions)
+        seconds = asyncio.run(_create_sessions(target.address, sessions, per_request, 4))
+        created = -(-sessions // per_request) * per_request
+        live = target.metrics().get("lstm_live_sessions", 0.0)
+        return {
+            "label": f"memory: {created:,} sessions",
+            "sessions": created,
+            "live_sessions": live,
+            "seconds": seconds,
+            "sessions_per_s": created / seconds,
+            "rss_mb_before": rss0 / 2**20,
+            "rss_mb": target.rss_bytes() / 2**20,
+        }
+    finally:
+        target.stop()
+
+
+SCENARIOS = {
+    "columnar-16x16": Shape(streams=16, sessions=256, events_per_request=16, form="columnar"),
+    "events-16x16": Shape(streams=16, sessions=256, events_per_request=16, form="events"),
+    "one-event-256-streams": Shape(
+        streams=256, sessions=256, events_per_request=1, form="events", window=1
+    ),
+    "ping-pong": Shape(streams=1, sessions=1, events_per_request=1, form="events", window=1),
+}
+SWEEP_STREAMS = (1, 4, 16, 64)
+
+
+def run_suite(args: argparse.Namespace) -> dict[str, Any]:
+    server_cpus, client_cpus = cpu_split(not args.no_pin)
+    timing = {"duration": args.duration, "warmup": args.warmup}
+    runs: list[dict[str, Any]] = []
+    for kind in ("echo", "echo-pipelined", "server"):
+        target = procs.start(kind, server_cpus, args.server_arg if kind == "server" else None)
+        try:
+            for name, shape in SCENARIOS.items():
+                if kind == "echo-pipelined" and name == "ping-pong":
+                    continue
+                shape = dataclasses.replace(shape, **timing)
+                runs.append(
+                    {
+                        "scenario": name,
+                        **measure(target, shape, f"{kind} {name}", args.client_procs, client_cpus),
+                    }
+                )
+            if kind == "echo-pipelined":
+                continue  # only a bound for the target scenarios
+            for form in ("columnar", "events"):
+                for streams in args.sweep:
+                    shape = Shape(
+                        streams=streams,
+                        sessions=16 * streams,
+                        events_per_request=16,
+                        form=form,
+                        **timing,
+                    )
+                    label = f"{kind} sweep {form} {streams} streams"
+                    runs.append(
+                        {
+                            "scenario": f"sweep-{form}-{streams}",
+                            **measure(target, shape, label, args.client_procs, client_cpus),
+                        }
+                    )
+            peak = next(
+                r for r in runs if r["target"] == kind and r["scenario"] == "columnar-16x16"
+            )
+            for share in (0.5, 0.9):
+                rate = share * peak["requests_per_s"]
+                shape = dataclasses.replace(
+                    SCENARIOS["columnar-16x16"], rate=rate, window=1 << 20, **timing
+                )
+                label = f"{kind} open loop {share:.0%} of max"
+                run = measure(target, shape, label, args.client_procs, client_cpus)
+                runs.append({"scenario": f"open-loop-{int(share * 100)}", **run})
+        finally:
+            target.stop()
+    memory = memory_scenario(args.memory_sessions, server_cpus)
+    return {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "pinned": server_cpus is not None,
+            "python": sys.version.split()[0],
+        },
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "runs": runs,
+        "memory": memory,
+    }
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with its measured ratio and whether it holds."""
+
+    def run(target: str, scenario: str) -> dict[str, Any]:
+        return next(
+            r for r in results["runs"] if r["target"] == target and r["scenario"] == scenario
+        )
+
+    rows = []
+    for scenario, key, goal, what in (
+        (
+            "columnar-16x16",
+            "events_per_s",
+            0.9,
+            "columnar 16 streams x 16 events: events/s vs echo",
+        ),
+        ("events-16x16", "events_per_s", 0.7, "per-event 16 streams x 16 events: events/s vs echo"),
+        (
+            "one-event-256-streams",
+            "requests_per_s",
+            0.9,
+            "1 event/request, 256 streams: requests/s vs echo",
+        ),
+    ):
+        echo = run("echo", scenario)[key]
+        ratio = run("server", scenario)[key] / max(echo, 1e-9)
+        bound = run("echo-pipelined", scenario)[key] / max(echo, 1e-9)
+        rows.append(
+            {
+                "target": what,
+                "goal": f">= {goal}",
+                "measured": ratio,
+                "holds": ratio >= goal,
+                "pipelined_echo": bound,
+            }
+        )
+    ping_s, ping_e = run("server", "ping-pong"), run("echo", "ping-pong")
+    ratio = ping_s["latency_ms"]["p50"] / max(ping_e["latency_ms"]["p50"], 1e-9)
+    rows.append(
+        {
+            "target": "ping-pong p50 latency vs echo",
+            "goal": "<= 1.3",
+            "measured": ratio,
+            "holds": ratio <= 1.3,
+        }
+    )
+    mem = results["memory"]
+    rows.append(
+        {
+            "target": f"RSS with {mem['sessions']:,} sessions (MiB)",
+            "goal": "<= 1024",
+            "measured": mem["rss_mb"],
+            "holds": mem["rss_mb"] <= 1024 and mem["sessions"] >= 1_000_000,
+        }
+    )
+    rows.append(
+        {
+            "target": "session creation rate (sessions/s)",
+            "goal": ">= 100000",
+            "measured": mem["sessions_per_s"],
+            "holds": mem["sessions_per_s"] >= 100_000,
+        }
+    )
+    share = run("server", "columnar-16x16")["inference_share"] or 0.0
+    rows.append(
+        {
+            "target": "ONNX Runtime share of server CPU (columnar)",
+            "goal": "<= 0.10",
+            "measured": share,
+            "holds": share <= 0.10,
+        }
+    )
+    return rows
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        "| run | events/s | requests/s | p50 ms | p90 ms | p99 ms | p99.9 ms | batch "
+        "| server CPU | µs/event | RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["runs"]:
+        lat = r["latency_ms"]
+        batch = f"{r['mean_batch']:.1f}" if r["mean_batch"] else "-"
+        lines.append(
+            f"| {r['label']} | {r['events_per_s']:,.0f} | {r['requests_per_s']:,.0f} | "
+            f"{lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {lat['p99.9']:.2f} | "
+            f"{batch} | {r['server_cpu_util']:.0%} | {r['server_cpu_us_per_event']:.1f} | "
+            f"{r['server_rss_mb']:.0f} |"
+        )
+    mem = results["memory"]
+    lines += [
+        "",
+        f"Memory: {mem['sessions']:,} sessions created in {mem['seconds']:.2f} s "
+        f"({mem['sessions_per_s']:,.0f}/s); server RSS {mem['rss_mb_before']:.0f} MiB before, "
+        f"{mem['rss_mb']:.0f} MiB after.",
+        "",
+        "| target | goal | measured | holds | pipelined echo vs echo |",
+        "|---|---|---:|---|---:|",
+    ]
+    for t in targets(results):
+        bound = f"{t['pipelined_echo']:.2f}" if "pipelined_echo" in t else ""
+        lines.append(
+            f"| {t['target']} | {t['goal']} | {t['measured']:,.2f} | "
+            f"{'yes' if t['holds'] else 'NO'} | {bound} |"
+        )
+    return "\n".join(lines)
+
+
+def plots(results: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, style in (("server", "-o"), ("echo", "--s")):
+        for form in ("columnar", "events"):
+            pts = sorted(
+                (r["shape"]["streams"], r["events_per_s"])
+                for r in results["runs"]
+                if r["target"] == kind and r["scenario"].startswith(f"sweep-{form}-")
+            )
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, style, label=f"{kind}, {form} form")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent streams (16 events per request)")
+    ax.set_ylabel("events / s")
+    ax.set_title("Throughput vs streams: lstm-serve and the echo baseline")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    path = out / "throughput_vs_streams.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results["runs"]:
+        if r["scenario"].startswith("open-loop-"):
+            lat = r["latency_ms"]
+            qs = [0.5, 0.9, 0.99, 0.999]
+            ax.plot(
+                qs,
+                [lat["p50"], lat["p90"], lat["p99"], lat["p99.9"]],
+                "-o",
+                label=f"{r['label']} ({r['requests_per_s']:,.0f} req/s)",
+            )
+    ax.set_xscale("logit")
+    ax.set_xticks([0.5, 0.9, 0.99, 0.999])
+    ax.set_xticklabels(["p50", "p90", "p99", "p99.9"])
+    ax.set_yscale("log")
+    ax.set_ylabel("latency per request, ms")
+    ax.set_title("Latency at 50% and 90% of the maximum rate (columnar, 16 x 16)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    path = out / "latency_open_loop.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lstm-bench", description=__doc__)
+    parser.add_argument(
+        "--suite", action="store_true", help="run every scenario and target (make bench)"
+    )
+    parser.add_argument("--echo", action="store_true", help="one scenario against the echo server")
+    parser.add_argument(
+        "--pipelined",
+        action="store_true",
+        help="with --echo: the echo with lstm-serve's stream structure",
+    )
+    parser.add_argument("--address", help="one scenario against a server already running there")
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--sessions", type=int, default=256)
+    parser.add_argument("--events-per-request", type=int, default=16)
+    parser.add_argument("--form", choices=("columnar", "events"), default="columnar")
+    parser.add_argument("--window", type=int, default=4, help="requests in flight per stream")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="requests/s in all (0 = closed loop)"
+    )
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
+    parser.add_argument("--event-size", type=int, default=32, help="E of the model under test")
+    parser.add_argument("--client-procs", type=int, default=2, help="load generator processes")
+    parser.add_argument(
+        "--no-pin", action="store_true", help="do not pin server and clients to CPUs"
+    )
+    parser.add_argument(
+        "--sweep", type=lambda s: [int(x) for x in s.split(",")], default=list(SWEEP_STREAMS)
+    )
+    parser.add_argument("--memory-sessions", type=int, default=1_000_000)
+    parser.add_argument(
+        "--server-arg", action="append", default=[], help="extra lstm-serve flag (repeatable)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-results"), help="JSON, table and plots go here"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.suite:
+        results = run_suite(args)
+        text = table(results)
+        results["targets"] = targets(results)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        (args.out / "table.md").write_text(text + "\n")
+        written = plots(results, args.out)
+        print(text)
+        print(
+            f"\nwrote {args.out / 'results.json'}, {args.out / 'table.md'}, "
+            + ", ".join(str(p) for p in written)
+        )
+        return 0
+    shape = Shape(
+        streams=args.streams,
+        sessions=args.sessions,
+        events_per_request=args.events_per_request,
+        form=args.form,
+        window=args.window,
+        rate=args.rate,
+        duration=args.duration,
+        warmup=args.warmup,
+        event_size=args.event_size,
+    )
+    server_cpus, client_cpus = cpu_split(not args.no_pin and not args.address)
+    if args.address:
+        _, port = args.address.rsplit(":", 1)
+        target = procs.Target("external", None, int(port), None)  # type: ignore[arg-type]
+    else:
+        kind = ("echo-pipelined" if args.pipelined else "echo") if args.echo else "server"
+        target = procs.start(kind, server_cpus, args.server_arg)
+    try:
+        run = measure(target, shape, f"{target.kind} {args.form}", args.client_procs, client_cpus)
+    finally:
+        if target.proc is not None:
+            target.stop()
+    results = {"runs": [{"scenario": "single", **run}]}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(json.dumps(run, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

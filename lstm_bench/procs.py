@@ -1,0 +1,101 @@
+"""Processes under test: start lstm-serve or the echo server, read their CPU, memory and metrics."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Target:
+    kind: str  # "server", "echo", "echo-pipelined" or "external"
+    proc: subprocess.Popen[str] | None  # None: a server this tool did not start
+    port: int
+    metrics_port: int | None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the process, all threads (NaN for an external server)."""
+        if self.proc is None:
+            return float("nan")
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def rss_bytes(self) -> int:
+        if self.proc is None:
+            return 0
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            match = re.search(r"VmRSS:\s+(\d+) kB", f.read())
+        return int(match.group(1)) * 1024 if match else 0
+
+    def metrics(self) -> dict[str, float]:
+        """Unlabelled samples and ``name{labels}`` keys from /metrics (server only)."""
+        if self.metrics_port is None:
+            return {}
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+def start(kind: str, cpus: set[int] | None, extra: list[str] | None = None) -> Target:
+    """Start the server (embedded default model) or the echo baseline on free ports."""
+    if kind == "server":
+        cmd = [
+            sys.executable,
+            "-m",
+            "service",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--device",
+            "cpu",
+            "--log-level",
+            "WARNING",
+            "--session-ttl",
+            "0",
+        ]
+    else:
+        cmd = [sys.executable, "-m", "lstm_bench.echo", "--port", "0"]
+        if kind == "echo-pipelined":
+            cmd.append("--pipelined")
+    proc = subprocess.Popen([*cmd, *(extra or [])], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "gRPC on" not in line:
+        proc.kill()
+        raise RuntimeError(f"{kind} did not start: {line!r}")
+    if cpus:
+        os.sched_setaffinity(proc.pid, cpus)
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):  # threads started before the pin
+            os.sched_setaffinity(int(tid), cpus)
+    port = int(re.search(r"gRPC on [^,\s]+:(\d+)", line).group(1))  # type: ignore[union-attr]
+    metrics = re.search(r"metrics on http://[^:]+:(\d+)/", line)
+    return Target(kind, proc, port, int(metrics.group(1)) if metrics else None)

@@ -1,0 +1,49 @@
+"""A seconds-long run of the whole bench suite, so the tool cannot rot (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_suite_smoke(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lstm_bench.cli",
+            "--suite",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--sweep",
+            "1,2",
+            "--memory-sessions",
+            "8192",
+            "--client-procs",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    kinds = {(r["target"], r["scenario"]) for r in results["runs"]}
+    for scenario in ("columnar-16x16", "events-16x16", "one-event-256-streams", "ping-pong"):
+        assert ("server", scenario) in kinds and ("echo", scenario) in kinds
+    server = next(
+        r for r in results["runs"] if r["target"] == "server" and r["scenario"] == "columnar-16x16"
+    )
+    assert server["events_per_s"] > 0 and server["errors"] == 0
+    assert server["mean_batch"] is not None and server["mean_batch"] >= 1
+    assert results["memory"]["live_sessions"] == results["memory"]["sessions"] == 8192
+    assert len(results["targets"]) == 7
+    assert "| target | goal | measured | holds |" in (tmp_path / "table.md").read_text()
+    for png in ("throughput_vs_streams.png", "latency_open_loop.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
