@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain
 
 import numpy as np
 
@@ -242,7 +242,7 @@ class Batcher:
         jobs, self._inbox = self._inbox, []
         table = self.table
         counts = [job.n for job in jobs]
-        starts = np.cumsum([0, *counts]).tolist()
+        starts = list(accumulate(counts, initial=0))
         n = starts[-1]
         spec = self.runtime.spec
         intake = _Intake(jobs, starts, spec.output_size, spec.state_sizes)
@@ -272,61 +272,61 @@ class Batcher:
         )
         seqs = _column([b.seqs for b in blocks], counts, np.uint64)
         resets = _column([b.resets for b in blocks], counts, np.bool_)
-        job_of = np.repeat(np.arange(len(jobs)), counts)
+        if len(jobs) == 1:
+            job_of = np.zeros(n, np.int64)
+            t0 = np.full(n, jobs[0].t0)
+        else:
+            job_of = np.repeat(np.arange(len(jobs)), counts)
+            t0 = np.repeat(np.array([job.t0 for job in jobs]), counts)
 
+        # Each check costs one pass in the common case; rows are found only when needed.
         codes = intake.codes
+        rejected = False
         for j, block in enumerate(blocks):
             if block.bad:
+                rejected = True
                 for i, message in block.bad.items():
                     jobs[j].fail(i, Code.INVALID_ARGUMENT, message)
-        not_finite = np.flatnonzero(~np.isfinite(values).all(axis=1))
-        for i in not_finite.tolist():
-            if not codes[i]:
-                j = int(job_of[i])
-                jobs[j].fail(i - starts[j], Code.INVALID_ARGUMENT, NOT_FINITE)
+        if not np.isfinite(values.sum(dtype=np.float64)):  # NaN/Inf propagate through a sum
+            rejected = True
+            for i in np.flatnonzero(~np.isfinite(values).all(axis=1)).tolist():
+                if not codes[i]:
+                    j = int(job_of[i])
+                    jobs[j].fail(i - starts[j], Code.INVALID_ARGUMENT, NOT_FINITE)
         slots = table.lookup(ids)
-        unknown = np.flatnonzero(slots < 0)
-        if unknown.size:
-            self._create_sessions(jobs, starts, job_of, ids, slots, unknown, codes)
-        ok = codes == 0
-        if not ok.all():
+        if slots.min() < 0:
+            unknown = np.flatnonzero(slots < 0)
+            rejected |= self._create_sessions(jobs, starts, job_of, ids, slots, unknown, codes)
+        accepted: np.ndarray | None = None  # None: every event was accepted
+        per_job = counts
+        if rejected:
             self._count_rejections(codes)
             known = slots >= 0
             intake.steps[known] = table.step[slots[known]]
-        accepted = np.flatnonzero(ok)
-        per_job = np.bincount(job_of[accepted], minlength=len(jobs)).tolist()
+            accepted = np.flatnonzero(codes == 0)
+            per_job = np.bincount(job_of[accepted], minlength=len(jobs)).tolist()
         for job, remaining in zip(jobs, per_job):
             job.remaining = remaining
             if not remaining:
                 job.future.set_result(job)
-        if not accepted.size:
+        if accepted is not None and not accepted.size:
             return
         self._intakes[key] = intake
-        t0 = np.repeat(np.array([job.t0 for job in jobs]), counts)
-        if accepted.size == n:
-            acc_slots = slots
-            self._pool.extend(
-                slots=slots,
-                values=values,
-                seqs=seqs,
-                resets=resets,
-                t0=t0,
-                intake=np.full(n, key, np.int64),
-                row=np.arange(n),
-                job=job_of,
-            )
-        else:
-            acc_slots = slots[accepted]
-            self._pool.extend(
-                slots=acc_slots,
-                values=values[accepted],
-                seqs=seqs[accepted],
-                resets=resets[accepted],
-                t0=t0[accepted],
-                intake=np.full(accepted.size, key, np.int64),
-                row=accepted,
-                job=job_of[accepted],
-            )
+
+        def kept(column: np.ndarray) -> np.ndarray:
+            return column if accepted is None else column[accepted]
+
+        acc_slots = kept(slots)
+        self._pool.extend(
+            slots=acc_slots,
+            values=kept(values),
+            seqs=kept(seqs),
+            resets=kept(resets),
+            t0=kept(t0),
+            intake=np.full(acc_slots.size, key, np.int64),
+            row=np.arange(n) if accepted is None else accepted,
+            job=kept(job_of),
+        )
         np.add.at(table.pending, acc_slots, 1)
 
     def _create_sessions(
@@ -338,15 +338,16 @@ class Batcher:
         slots: np.ndarray,
         unknown: np.ndarray,
         codes: np.ndarray,
-    ) -> None:
+    ) -> bool:
         """Create the sessions of new ids in bulk; refuse bad ids and ids over the cap.
 
-        Every event of a refused id gets the same answer as its first one.
+        Every event of a refused id gets the same answer as its first one. Returns
+        whether any event was refused.
         """
         table = self.table
         refused: dict[str, tuple[Code, str]] = {}
         first_row: dict[str, int] = {}
-        rows = [i for i in unknown.tolist() if not codes[i]]
+        rows = unknown[codes[unknown] == 0].tolist()
         for i in rows:
             sid = ids[i]
             if sid in first_row or sid in refused:
@@ -376,6 +377,7 @@ class Batcher:
                 jobs[j].fail(i - starts[j], *refused[sid])
             else:
                 slots[i] = index[sid]
+        return bool(refused)
 
     def _count_rejections(self, codes: np.ndarray) -> None:
         values, counts = np.unique(codes[codes != 0], return_counts=True)
@@ -405,18 +407,26 @@ class Batcher:
     def _pick(self) -> np.ndarray:
         """Positions in the pool of the earliest event of each session, oldest first."""
         slots = self._pool.slots
+        n = slots.size
+        if n <= self.max_batch and (n == 1 or (n <= 64 and len(set(slots.tolist())) == n)):
+            return np.arange(n)  # the common case: every pending session once
         _, first = np.unique(slots, return_index=True)
-        if first.size == slots.size and first.size <= self.max_batch:
-            return np.arange(slots.size)  # the common case: every pending session once
+        if first.size == n and n <= self.max_batch:
+            return np.arange(n)
         return np.sort(first)[: self.max_batch]
 
     async def _run_once(self) -> None:
         table = self.table
         batch = self._pool.take(self._pick())
         slots, seqs, resets = batch["slots"], batch["seqs"], batch["resets"]
-        duplicate = (seqs > 0) & (seqs <= table.last_seq[slots])
+        sequenced = bool(seqs.any())
+        if sequenced:
+            duplicate = (seqs > 0) & (seqs <= table.last_seq[slots])
+            all_apply = not duplicate.any()
+        else:
+            duplicate = np.zeros(slots.size, np.bool_)
+            all_apply = True
         apply = ~duplicate
-        all_apply = not duplicate.any()
         run_slots = slots if all_apply else slots[apply]
         failed = False
         if run_slots.size:
@@ -446,8 +456,8 @@ class Batcher:
                 if table.output_alias is None:
                     table.output[run_slots] = output
                 table.step[run_slots] += np.uint64(1)
-                run_seqs = seqs if all_apply else seqs[apply]
-                if run_seqs.any():
+                if sequenced:
+                    run_seqs = seqs if all_apply else seqs[apply]
                     table.last_seq[run_slots] = np.maximum(table.last_seq[run_slots], run_seqs)
                 table.updated[run_slots] = time.time()
 
@@ -481,9 +491,14 @@ class Batcher:
                 bad = r[~duplicate[lo:hi]]
                 intake.codes[bad] = Code.INTERNAL
                 intake.outputs[bad] = 0.0
-            done_jobs, done_counts = np.unique(jobs[lo:hi], return_counts=True)
+            # Within an intake, events keep their order, so job numbers never decrease.
+            if jobs[lo] == jobs[hi - 1]:
+                per_job: Sequence[tuple[int, int]] = [(int(jobs[lo]), hi - lo)]
+            else:
+                done_jobs, done_counts = np.unique(jobs[lo:hi], return_counts=True)
+                per_job = list(zip(done_jobs.tolist(), done_counts.tolist()))
             finished = 0
-            for j, count in zip(done_jobs.tolist(), done_counts.tolist()):
+            for j, count in per_job:
                 job = intake.jobs[j]
                 if failed:
                     for i in r[(jobs[lo:hi] == j) & ~duplicate[lo:hi]].tolist():

@@ -215,7 +215,8 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
         values = np.frombuffer(batch.values, dtype="<f4").reshape(n, e)
         seqs = np.array(batch.seqs, np.uint64) if len(batch.seqs) else None
         resets = np.array(batch.resets, np.bool_) if len(batch.resets) else None
-        return EventBlock(batch.session_ids, values, seqs, resets)
+        # One str per id, made once: the table keeps these very objects for new sessions.
+        return EventBlock(list(batch.session_ids), values, seqs, resets)
 
     def _response(self, begun: _Begun) -> pb.StepResponse:
         job = begun.job

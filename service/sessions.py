@@ -70,9 +70,13 @@ class SessionTable:
         self.last_seq = np.zeros(0, np.uint64)
         self.created = np.zeros(0, np.float64)
         self.updated = np.zeros(0, np.float64)
-        self.pending = np.zeros(0, np.int64)
+        self.pending = np.zeros(0, np.int32)
         self.doomed = np.zeros(0, np.bool_)
-        self._free: list[int] = []
+        # A stack of free rows in a numpy array: no Python int per row.
+        self._free = np.zeros(0, np.int64)
+        self._n_free = 0
+        self._n_doomed = 0
+        """Rows deleted while events were pending: freed once those are done."""
         self._grow(min(initial_capacity, max_sessions))
 
     def __len__(self) -> int:
@@ -98,12 +102,12 @@ class SessionTable:
         n = len(session_ids)
         if n > self.room():
             raise SessionCapError(f"the server holds its maximum of {self.max_sessions} sessions")
-        if n > len(self._free):
-            need = self.capacity + n - len(self._free)
-            self._grow(min(max(2 * self.capacity, need), self.max_sessions + self._n_doomed()))
-        free = self._free
-        slots = np.array(free[len(free) - n :][::-1], np.int64)
-        del free[len(free) - n :]
+        if n > self._n_free:
+            need = self.capacity + n - self._n_free
+            self._grow(min(max(2 * self.capacity, need), self.max_sessions + self._n_doomed))
+        top = self._n_free
+        slots = self._free[top - n : top][::-1].copy()
+        self._n_free = top - n
         for table in self.states:
             table[slots] = 0.0
         if self.output_alias is None:
@@ -113,9 +117,10 @@ class SessionTable:
         self.created[slots] = now
         self.updated[slots] = now
         ids = self.ids
-        for session_id, slot in zip(session_ids, slots.tolist()):
+        slot_list = slots.tolist()
+        for session_id, slot in zip(session_ids, slot_list):
             ids[slot] = session_id
-        self.index.update(zip(session_ids, slots.tolist()))
+        self.index.update(zip(session_ids, slot_list))
         return slots
 
     def reset(self, slot: int) -> None:
@@ -153,6 +158,7 @@ class SessionTable:
         snap = self.snapshot(slot)
         if self.pending[slot]:
             self.doomed[slot] = True
+            self._n_doomed += 1
         else:
             self._release(slot)
         return snap
@@ -160,9 +166,12 @@ class SessionTable:
     def finish(self, slots: np.ndarray) -> None:
         """Mark one pending event done for each of ``slots`` (distinct rows)."""
         self.pending[slots] -= 1
+        if not self._n_doomed:
+            return
         doomed = slots[self.doomed[slots] & (self.pending[slots] == 0)]
         for slot in doomed.tolist():
             self.doomed[slot] = False
+            self._n_doomed -= 1
             self._release(slot)
 
     def idle_ids(self, older_than: float) -> list[str]:
@@ -175,9 +184,6 @@ class SessionTable:
         ids = self.ids
         return [sid for sid in (ids[r] for r in rows.tolist()) if sid is not None]
 
-    def _n_doomed(self) -> int:
-        return int(self.doomed.sum())
-
     def _zero(self, slot: int) -> None:
         for table in self.states:
             table[slot] = 0.0
@@ -187,7 +193,8 @@ class SessionTable:
     def _release(self, slot: int) -> None:
         self.ids[slot] = None
         self.updated[slot] = np.inf  # never "idle"
-        self._free.append(slot)
+        self._free[self._n_free] = slot
+        self._n_free += 1
 
     def _grow(self, capacity: int) -> None:
         old = self.capacity
@@ -215,5 +222,12 @@ class SessionTable:
         self.doomed = grown(self.doomed)
         self.ids.extend([None] * (capacity - old))
         # Pop from the end: hand out low rows first so the live rows stay dense.
-        self._free.extend(range(capacity - 1, old - 1, -1))
+        # New rows go under the rows freed earlier; both pop lowest-first. The stack
+        # has room for every row, so releasing never has to grow it.
+        added = capacity - old
+        free = np.empty(capacity, np.int64)
+        free[:added] = np.arange(capacity - 1, old - 1, -1)
+        free[added : added + self._n_free] = self._free[: self._n_free]
+        self._free = free
+        self._n_free += added
         self.capacity = capacity

@@ -74,3 +74,18 @@ def test_idle_ids_skip_busy_rows() -> None:
 )
 def test_session_id_rules(sid: str, problem: str | None) -> None:
     assert session_id_error(sid, 8) == problem
+
+
+def test_rows_freed_after_growth_are_reused() -> None:
+    t = table(initial_capacity=2)
+    for i in range(2):
+        t.create(f"a{i}")
+    t.remove("a0")
+    for i in range(5):  # grows twice while one freed row waits in the stack
+        t.create(f"b{i}")
+    assert t.capacity == 8 and len(t) == 6
+    for sid in [f"b{i}" for i in range(5)] + ["a1"]:
+        t.remove(sid)
+    assert len(t) == 0
+    slots = {t.create(f"c{i}") for i in range(8)}
+    assert slots == set(range(8)) and t.capacity == 8  # every row came back, none twice
