@@ -23,6 +23,8 @@ def test_bench_suite_smoke(tmp_path: Path) -> None:
             "1,2",
             "--memory-sessions",
             "8192",
+            "--repeat",
+            "1",
             "--client-procs",
             "1",
             "--out",
