@@ -294,9 +294,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, each with its measured ratio and whether it holds."""
 
     def run(target: str, scenario: str) -> dict[str, Any]:
-        return next(
-            r for r in results["runs"] if r["target"] == target and r["scenario"] == scenario
-        )
+        return median_run(results["runs"], target, scenario)
 
     rows = []
     for scenario, key, goal, what in (
