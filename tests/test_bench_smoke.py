@@ -49,3 +49,14 @@ def test_bench_suite_smoke(tmp_path: Path) -> None:
     assert "| target | goal | measured | holds |" in (tmp_path / "table.md").read_text()
     for png in ("throughput_vs_streams.png", "latency_open_loop.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_inproc_cost_tool_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lstm_bench.inproc", "--form", "events", "--rounds", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "us CPU per request (ONNX Runtime" in result.stdout

@@ -1,0 +1,101 @@
+"""The server's own cost per request, without a network: servicer + batcher + ONNX Runtime.
+
+``python -m lstm_bench.inproc [--form columnar|events] [--profile]`` decodes, queues
+and answers requests exactly as lstm-serve does, with no gRPC, and prints CPU per
+request; ``--profile`` adds the top functions by their own time (cProfile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import time
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from lstm_stream.v1 import lstm_stream_pb2 as pb
+from service.batcher import Batcher
+from service.metrics import Metrics
+from service.runtime import Runtime, load_model_bytes
+from service.servicer import LstmStreamServicer
+from service.sessions import SessionTable
+from service.settings import Settings
+
+
+def requests(form: str, streams: int, events: int, event_size: int) -> list[pb.StepRequest]:
+    rng = np.random.default_rng(0)
+    out = []
+    for s in range(streams):
+        ids = [f"s{s}-{k}" for k in range(events)]
+        values = rng.standard_normal((events, event_size)).astype("<f4")
+        if form == "columnar":
+            out.append(
+                pb.StepRequest(batch=pb.EventBatch(session_ids=ids, values=values.tobytes()))
+            )
+        else:
+            out.append(
+                pb.StepRequest(
+                    events=[pb.Event(session_id=i, values=v.tolist()) for i, v in zip(ids, values)]
+                )
+            )
+    return out
+
+
+async def measure(form: str, streams: int, events: int, rounds: int) -> None:
+    runtime = Runtime(*load_model_bytes(None), "cpu")
+    spec = runtime.spec
+    table = SessionTable(spec.state_sizes, spec.output_size, 10**6, output_alias=spec.output_alias)
+    metrics = Metrics(CollectorRegistry())
+    batcher = Batcher(runtime, table, metrics, 1024, 128)
+    batcher.start()
+    servicer = LstmStreamServicer(Settings(), metrics)
+    servicer.attach(batcher)
+    batch = requests(form, streams, events, spec.event_size)
+
+    async def round_trip() -> None:
+        # Like `streams` concurrent streams: all requests queued, then all answered.
+        begun = [servicer._begin(r) for r in batch]
+        for b in begun:
+            await b.job.future
+            servicer._response(b)
+
+    for _ in range(20):
+        await round_trip()
+    ort0 = metrics.registry.get_sample_value("lstm_inference_cpu_seconds_total") or 0.0
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in range(rounds):
+        await round_trip()
+    n = rounds * streams
+    cpu = time.process_time() - cpu0
+    ort = (metrics.registry.get_sample_value("lstm_inference_cpu_seconds_total") or 0.0) - ort0
+    print(
+        f"{form}: {streams} requests x {events} events per round: "
+        f"{cpu / n * 1e6:.1f} us CPU per request (ONNX Runtime {ort / n * 1e6:.1f}), "
+        f"wall {(time.perf_counter() - wall0) / n * 1e6:.1f} us"
+    )
+    await batcher.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lstm_bench.inproc", description=__doc__)
+    parser.add_argument("--form", choices=("columnar", "events"), default="columnar")
+    parser.add_argument("--streams", type=int, default=16, help="requests per round")
+    parser.add_argument("--events", type=int, default=16, help="events per request")
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    coro = measure(args.form, args.streams, args.events, args.rounds)
+    if not args.profile:
+        asyncio.run(coro)
+        return 0
+    profiler = cProfile.Profile()
+    profiler.runcall(asyncio.run, coro)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
