@@ -26,7 +26,6 @@ class Code(enum.IntEnum):
 
     OK = 0
     INVALID_ARGUMENT = 3
-    NOT_FOUND = 5
     RESOURCE_EXHAUSTED = 8
     INTERNAL = 13
     UNAVAILABLE = 14
@@ -225,6 +224,7 @@ class Batcher:
     def submit(self, block: EventBlock, include_state: bool = False) -> Job:
         """Queue a request's events; ``job.future`` resolves when all of them are answered."""
         if self._closed:
+            self.metrics.count_events("unavailable", len(block.session_ids))
             raise BatcherClosed("the server is draining")
         job = Job(block, include_state, self._loop.create_future())
         self._inbox.append(job)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from dataclasses import dataclass
 
 import grpc
@@ -36,7 +35,6 @@ class _Begun:
     columnar: bool
     block: EventBlock
     job: Job
-    started: float
 
 
 class LstmStreamServicer(pb_grpc.LstmStreamServicer):
@@ -146,7 +144,6 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
 
     def _begin(self, request: pb.StepRequest) -> _Begun:
         """Decode a request and queue its events; ServiceError for a whole-request problem."""
-        started = time.perf_counter()
         batcher = self.batcher
         columnar = request.HasField("batch")
         if columnar and len(request.events):
@@ -156,7 +153,7 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
             )
         block = self._decode_batch(request.batch) if columnar else self._decode_events(request)
         job = batcher.submit(block, include_state=request.include_state and not columnar)
-        return _Begun(columnar, block, job, started)
+        return _Begun(columnar, block, job)
 
     def _check_count(self, n: int) -> None:
         limit = self.settings.max_events_per_request

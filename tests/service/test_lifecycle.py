@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from lstm_bench import procs
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
 from service.server import Server
@@ -102,39 +103,15 @@ async def test_client_disconnect_mid_stream_leaves_server_healthy(
     assert got[0].step == state.step + 1
 
 
-def start_subprocess(*args: str) -> tuple[subprocess.Popen[str], int, int]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--device",
-            DEVICE,
-            "--log-format",
-            "text",
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait(10)
-        raise AssertionError(f"server did not start: {proc.stderr.read() if proc.stderr else ''}")
-    # "lstm-serve: gRPC on 127.0.0.1:PORT, metrics on http://127.0.0.1:M/metrics"
-    port = int(line.split("gRPC on ")[1].split(",")[0].rsplit(":", 1)[1])
-    metrics_port = int(line.rsplit(":", 1)[1].split("/")[0])
-    return proc, port, metrics_port
+def start_subprocess(*args: str) -> tuple[subprocess.Popen[str], int]:
+    """``python -m service`` on free ports, as the bench starts it; (process, gRPC port)."""
+    target = procs.start("server", None, ["--device", DEVICE, *args])
+    assert target.proc is not None
+    return target.proc, target.port
 
 
 async def test_sigterm_finishes_in_flight_requests_and_exits_0() -> None:
-    proc, port, _ = start_subprocess("--grace", "5")
+    proc, port = start_subprocess("--grace", "5")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.LstmStreamStub(channel)
@@ -178,7 +155,7 @@ async def test_sigterm_finishes_in_flight_requests_and_exits_0() -> None:
 
 
 async def test_sigterm_while_unary_calls_are_in_flight() -> None:
-    proc, port, _ = start_subprocess("--grace", "5")
+    proc, port = start_subprocess("--grace", "5")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.LstmStreamStub(channel)
@@ -232,6 +209,10 @@ async def test_drain_refuses_new_streams(start_server: ServerFactory) -> None:
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in info.value.details()
         assert await health_of(channel) == NOT_SERVING
+        events = server.metrics.registry.get_sample_value(
+            "lstm_events_total", {"outcome": "unavailable"}
+        )
+        assert events == 1
         await stop
 
 
