@@ -75,9 +75,7 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
     async def Step(
         self, request: pb.StepRequest, context: grpc.aio.ServicerContext
     ) -> pb.StepResponse:
-        if self._draining:
-            raise BatcherClosed()
-        begun = self._begin(request)
+        begun = self._begin(request)  # refused by the batcher once it drains
         await begun.job.future
         return self._response(begun)
 
