@@ -46,7 +46,7 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
         self.settings = settings
         self.metrics = metrics
         self._batcher: Batcher | None = None
-        self._readers: set[asyncio.Task[None]] = set()
+        self._streams: set[asyncio.Queue[object]] = set()
         self._draining = False
         self._state_index: dict[str, int] = {}
         self.last_call_at = 0.0
@@ -64,10 +64,15 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
         return self._batcher
 
     def start_drain(self) -> None:
-        """Stop reading new requests on every stream; each ends after its answered requests."""
+        """Every stream ends, with UNAVAILABLE, once the requests it has read are answered.
+
+        The marker goes behind what each stream has queued; its reader is stopped
+        only after the status is sent (cancelling a pending read before that was
+        seen to end streams with INTERNAL "Internal error from Core").
+        """
         self._draining = True
-        for reader in list(self._readers):
-            reader.cancel()
+        for queue in list(self._streams):
+            queue.put_nowait(_DRAIN)
 
     # -- event RPCs --------------------------------------------------------------------
 
@@ -86,14 +91,14 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
         Written with ``context.read``/``context.write`` rather than an async
         generator: one layer less per message, measured in docs/PERFORMANCE.md.
         """
+        if self._draining:
+            raise BatcherClosed()
         queue: asyncio.Queue[object] = asyncio.Queue()
         window = asyncio.Semaphore(self.settings.max_inflight)
         reader = asyncio.get_running_loop().create_task(self._read(context, queue, window))
-        self._readers.add(reader)
+        self._streams.add(queue)
         self.metrics.active_streams.inc()
         try:
-            if self._draining:
-                reader.cancel()
             while True:
                 item = await queue.get()
                 if isinstance(item, _Begun):
@@ -110,7 +115,7 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
                 window.release()
         finally:
             reader.cancel()
-            self._readers.discard(reader)
+            self._streams.discard(queue)
             self.metrics.active_streams.dec()
 
     async def _read(
@@ -134,9 +139,6 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
                     if code is grpc.StatusCode.INTERNAL:
                         raise
                     queue.put_nowait(pb.StepResponse(code=code.value[0], error=message))
-        except asyncio.CancelledError:
-            queue.put_nowait(_DRAIN)
-            raise
         except Exception as exc:
             queue.put_nowait(exc)
 

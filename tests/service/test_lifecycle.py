@@ -133,14 +133,19 @@ async def test_sigterm_finishes_in_flight_requests_and_exits_0() -> None:
             responses = [await call.read()]
             first_read.set()
             proc.send_signal(signal.SIGTERM)
-            code = grpc.StatusCode.OK
+            code, details = grpc.StatusCode.OK, ""
             try:
                 while (response := await call.read()) is not grpc.aio.EOF:
                     responses.append(response)
             except grpc.aio.AioRpcError as exc:
-                code = exc.code()
+                code, details = exc.code(), exc.details()
+            # The server ends the stream with UNAVAILABLE. A client whose request side is
+            # still open can read grpc's own "Internal error from Core" instead (a known
+            # client-side race, seen in ~1 of 10 runs); our INTERNAL has other details.
+            assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK) or (
+                code is grpc.StatusCode.INTERNAL and details == "Internal error from Core"
+            ), details
             # Every request the server read was answered, in order, with correct outputs.
-            assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK)
             assert len(responses) >= 1
             for plan, response in zip(plans, responses):
                 for ev, answer in zip(plan, answers(response)):
