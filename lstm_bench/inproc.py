@@ -44,12 +44,12 @@ def requests(form: str, streams: int, events: int, event_size: int) -> list[pb.S
     return out
 
 
-async def measure(form: str, streams: int, events: int, rounds: int) -> None:
+async def measure(form: str, streams: int, events: int, rounds: int, inline_batch: int) -> None:
     runtime = Runtime(*load_model_bytes(None), "cpu")
     spec = runtime.spec
     table = SessionTable(spec.state_sizes, spec.output_size, 10**6, output_alias=spec.output_alias)
     metrics = Metrics(CollectorRegistry())
-    batcher = Batcher(runtime, table, metrics, 1024, 128)
+    batcher = Batcher(runtime, table, metrics, 1024, 128, inline_batch)
     batcher.start()
     servicer = LstmStreamServicer(Settings(), metrics)
     servicer.attach(batcher)
@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=16, help="requests per round")
     parser.add_argument("--events", type=int, default=16, help="events per request")
     parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--inline-batch", type=int, default=0, help="as lstm-serve's flag")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
-    coro = measure(args.form, args.streams, args.events, args.rounds)
+    coro = measure(args.form, args.streams, args.events, args.rounds, args.inline_batch)
     if not args.profile:
         asyncio.run(coro)
         return 0

@@ -181,8 +181,11 @@ class Batcher:
         metrics: Metrics,
         max_batch: int,
         max_session_id_bytes: int,
+        inline_batch: int = 0,
     ):
         self.runtime = runtime
+        self.inline_batch = inline_batch
+        """Runs of at most this many events run on the event loop itself."""
         self.table = table
         self.metrics = metrics
         self.max_batch = max_batch
@@ -441,9 +444,13 @@ class Batcher:
                 started - (batch["t0"] if all_apply else batch["t0"][apply])
             )
             try:
-                output, new_states, cpu = await self._loop.run_in_executor(
-                    self._executor, self.runtime.timed_run, values, states
-                )
+                if run_slots.size <= self.inline_batch:
+                    # A tiny run costs less than the hop to the worker thread and back.
+                    output, new_states, cpu = self.runtime.timed_run(values, states)
+                else:
+                    output, new_states, cpu = await self._loop.run_in_executor(
+                        self._executor, self.runtime.timed_run, values, states
+                    )
             except Exception:
                 log.exception("ONNX Runtime failed on a batch of %d events", run_slots.size)
                 failed = True

@@ -105,7 +105,7 @@ class Server:
             output_alias=spec.output_alias,
         )
         self.batcher = Batcher(
-            self.runtime, table, self.metrics, s.max_batch, s.max_session_id_bytes
+            self.runtime, table, self.metrics, s.max_batch, s.max_session_id_bytes, s.inline_batch
         )
         self.batcher.start()
         self._servicer.attach(self.batcher)

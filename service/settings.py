@@ -39,6 +39,10 @@ class Settings:
         default=3600.0, metadata={"help": "evict sessions idle this many seconds (0 = never)"}
     )
     max_batch: int = field(default=1024, metadata={"help": "most events in one ONNX Runtime run"})
+    inline_batch: int = field(
+        default=0,
+        metadata={"help": "runs of at most this many events skip the worker thread (0 = none)"},
+    )
     max_events_per_request: int = field(
         default=65536, metadata={"help": "most events in one StepRequest"}
     )
@@ -71,6 +75,7 @@ class Settings:
             (self.max_sessions >= 1, "--max-sessions must be >= 1"),
             (self.session_ttl >= 0, "--session-ttl must be >= 0"),
             (self.max_batch >= 1, "--max-batch must be >= 1"),
+            (self.inline_batch >= 0, "--inline-batch must be >= 0"),
             (self.max_events_per_request >= 1, "--max-events-per-request must be >= 1"),
             (self.max_inflight >= 1, "--max-inflight must be >= 1"),
             (self.max_message_bytes >= 1024, "--max-message-bytes must be >= 1024"),

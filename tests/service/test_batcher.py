@@ -21,10 +21,10 @@ def runtime() -> Runtime:
     return Runtime(*load_model_bytes(None), "cpu")
 
 
-def make(runtime: Runtime, max_batch: int = 64) -> Batcher:
+def make(runtime: Runtime, max_batch: int = 64, inline_batch: int = 0) -> Batcher:
     spec = runtime.spec
     table = SessionTable(spec.state_sizes, spec.output_size, max_sessions=1000)
-    return Batcher(runtime, table, Metrics(CollectorRegistry()), max_batch, 128)
+    return Batcher(runtime, table, Metrics(CollectorRegistry()), max_batch, 128, inline_batch)
 
 
 def block(ids: list[str], values: np.ndarray, seqs: list[int] | None = None) -> EventBlock:
@@ -32,8 +32,9 @@ def block(ids: list[str], values: np.ndarray, seqs: list[int] | None = None) -> 
     return EventBlock(ids, values, np.array(seqs or [0] * n, np.uint64), np.zeros(n, np.bool_), {})
 
 
-async def test_one_event_per_session_per_run_in_order(runtime: Runtime) -> None:
-    batcher = make(runtime)
+@pytest.mark.parametrize("inline_batch", [0, 64])
+async def test_one_event_per_session_per_run_in_order(runtime: Runtime, inline_batch: int) -> None:
+    batcher = make(runtime, inline_batch=inline_batch)
     batcher.start()
     ref = Reference()
     xs = events(np.random.default_rng(0), 6)
