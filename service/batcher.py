@@ -348,39 +348,42 @@ class Batcher:
         whether any event was refused.
         """
         table = self.table
+        row_array = unknown[codes[unknown] == 0]
+        rows = row_array.tolist()
+        new = [ids[i] for i in rows]
+        distinct = list(dict.fromkeys(new))  # first appearance order, at C speed
         refused: dict[str, tuple[Code, str]] = {}
-        first_row: dict[str, int] = {}
-        rows = unknown[codes[unknown] == 0].tolist()
-        for i in rows:
-            sid = ids[i]
-            if sid in first_row or sid in refused:
-                continue
-            problem = session_id_error(sid, self.max_session_id_bytes)
-            if problem is None:
-                first_row[sid] = i
-            else:
-                refused[sid] = (Code.INVALID_ARGUMENT, problem)
-        new_ids = list(first_row)
+        lengths = list(map(len, distinct))
+        limit = self.max_session_id_bytes
+        if not lengths or min(lengths) == 0 or 4 * max(lengths) > limit:
+            # Some id may be empty or too long (UTF-8 has at most 4 bytes a character).
+            for sid in distinct:
+                problem = session_id_error(sid, limit)
+                if problem is not None:
+                    refused[sid] = (Code.INVALID_ARGUMENT, problem)
+            distinct = [sid for sid in distinct if sid not in refused]
         room = table.room()
-        if len(new_ids) > room:  # the earliest new sessions fit; the rest are refused
+        if len(distinct) > room:  # the earliest new sessions fit; the rest are refused
             full = (
                 Code.RESOURCE_EXHAUSTED,
                 f"the server holds its maximum of {table.max_sessions} sessions",
             )
-            for sid in new_ids[room:]:
+            for sid in distinct[room:]:
                 refused[sid] = full
-            new_ids = new_ids[:room]
-        if new_ids:
-            table.create_many(new_ids, time.time())
+            distinct = distinct[:room]
+        if distinct:
+            table.create_many(distinct, time.time())
+        if not refused:
+            slots[row_array] = table.lookup(new)
+            return False
         index = table.index
-        for i in rows:
-            sid = ids[i]
+        for i, sid in zip(rows, new):
             if sid in refused:
                 j = int(job_of[i])
                 jobs[j].fail(i - starts[j], *refused[sid])
             else:
                 slots[i] = index[sid]
-        return bool(refused)
+        return True
 
     def _count_rejections(self, codes: np.ndarray) -> None:
         values, counts = np.unique(codes[codes != 0], return_counts=True)
