@@ -371,10 +371,10 @@ class Batcher:
             for sid in distinct[room:]:
                 refused[sid] = full
             distinct = distinct[:room]
-        if distinct:
-            table.create_many(distinct, time.time())
+        created = table.create_many(distinct, time.time()) if distinct else None
         if not refused:
-            slots[row_array] = table.lookup(new)
+            # Each new id once (the common case): the created rows are the rows' slots.
+            slots[row_array] = created if len(distinct) == len(new) else table.lookup(new)
             return False
         index = table.index
         for i, sid in zip(rows, new):

@@ -61,7 +61,8 @@ class SessionTable:
         """When the model's output *is* state ``k`` (plain LSTM: hidden), no copy is kept."""
         self.max_sessions = max_sessions
         self.index: dict[str, int] = {}
-        self.ids: list[str | None] = []
+        self.ids = np.empty(0, object)
+        """Each row's session id (None for a free row)."""
         self.capacity = 0
         self.states: list[np.ndarray] = [np.zeros((0, n), np.float32) for n in self.state_sizes]
         self.output = np.zeros((0, output_size), np.float32)
@@ -116,11 +117,10 @@ class SessionTable:
         self.last_seq[slots] = 0
         self.created[slots] = now
         self.updated[slots] = now
-        ids = self.ids
-        slot_list = slots.tolist()
-        for session_id, slot in zip(session_ids, slot_list):
-            ids[slot] = session_id
-        self.index.update(zip(session_ids, slot_list))
+        column = np.empty(n, object)
+        column[:] = session_ids
+        self.ids[slots] = column
+        self.index.update(zip(session_ids, slots.tolist()))
         return slots
 
     def reset(self, slot: int) -> None:
@@ -141,7 +141,7 @@ class SessionTable:
 
     def snapshot(self, slot: int) -> SessionSnapshot:
         session_id = self.ids[slot]
-        assert session_id is not None
+        assert isinstance(session_id, str)
         return SessionSnapshot(
             session_id=session_id,
             step=int(self.step[slot]),
@@ -181,8 +181,7 @@ class SessionTable:
             & (self.pending[: self.capacity] == 0)
             & ~self.doomed[: self.capacity]
         )
-        ids = self.ids
-        return [sid for sid in (ids[r] for r in rows.tolist()) if sid is not None]
+        return [sid for sid in self.ids[rows].tolist() if sid is not None]
 
     def _zero(self, slot: int) -> None:
         for table in self.states:
@@ -201,11 +200,11 @@ class SessionTable:
         if capacity <= old:
             capacity = old + 1
 
-        def grown(a: np.ndarray, fill: float = 0) -> np.ndarray:
+        def grown(a: np.ndarray, fill: float | None = 0) -> np.ndarray:
             # np.zeros maps fresh zero pages: rows cost memory only once they are used.
             b = np.zeros((capacity, *a.shape[1:]), a.dtype)
             b[:old] = a[:old]
-            if fill:
+            if fill != 0:
                 b[old:] = fill
             return b
 
@@ -220,7 +219,7 @@ class SessionTable:
         self.updated = grown(self.updated, np.inf)
         self.pending = grown(self.pending)
         self.doomed = grown(self.doomed)
-        self.ids.extend([None] * (capacity - old))
+        self.ids = grown(self.ids, None)
         # Pop from the end: hand out low rows first so the live rows stay dense.
         # New rows go under the rows freed earlier; both pop lowest-first. The stack
         # has room for every row, so releasing never has to grow it.
