@@ -201,6 +201,7 @@ class Batcher:
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
         self._task: asyncio.Task[None] | None = None
+        self._running: np.ndarray | None = None  # rows of the run in progress
         self._closed = False
         self._loop = asyncio.get_running_loop()
 
@@ -425,6 +426,7 @@ class Batcher:
         table = self.table
         batch = self._pool.take(self._pick())
         slots, seqs, resets = batch["slots"], batch["seqs"], batch["resets"]
+        self._running = slots
         sequenced = bool(seqs.any())
         if sequenced:
             duplicate = (seqs > 0) & (seqs <= table.last_seq[slots])
@@ -473,6 +475,7 @@ class Batcher:
 
         self._answer(batch, duplicate, failed)
         table.finish(slots)
+        self._running = None
         applied = 0 if failed else int(run_slots.size)
         self.metrics.count_events("applied", applied)
         self.metrics.count_events("duplicate", int(slots.size - run_slots.size))
@@ -521,20 +524,28 @@ class Batcher:
                 del self._intakes[key]
 
     def _fail_pool(self, message: str) -> None:
-        """After a batcher bug: answer every pending event INTERNAL and forget them."""
+        """After a batcher bug: answer every unanswered event INTERNAL; no caller hangs.
+
+        Pending counts of the pool's rows and of the run that failed are released.
+        An event counts as answered once it has a step or is a duplicate.
+        """
         batch = self._pool.take(np.arange(len(self._pool)))
         for slot in batch["slots"].tolist():  # a slot may repeat: one finish each
             self.table.finish(np.array([slot]))
-        for key, intake in list(self._intakes.items()):
-            mask = batch["intake"] == key
-            for row, j in zip(batch["row"][mask].tolist(), batch["job"][mask].tolist()):
-                job = intake.jobs[j]
-                job.fail(row - intake.starts[j], Code.INTERNAL, message)
-                job.remaining -= 1
-            for job in intake.jobs:
-                if job.remaining <= 0 and not job.future.done():
-                    job.future.set_result(job)
-            del self._intakes[key]
+        if self._running is not None:
+            self.table.finish(self._running)
+            self._running = None
+        for intake in self._intakes.values():
+            unanswered = (intake.codes == 0) & (intake.steps == 0) & ~intake.duplicates
+            for j, job in enumerate(intake.jobs):
+                if job.future.done():
+                    continue
+                lo, hi = intake.starts[j], intake.starts[j + 1]
+                for i in np.flatnonzero(unanswered[lo:hi]).tolist():
+                    job.fail(i, Code.INTERNAL, message)
+                job.remaining = 0
+                job.future.set_result(job)
+        self._intakes.clear()
 
     # -- session operations (between runs) -------------------------------------------
 

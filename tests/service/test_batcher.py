@@ -140,3 +140,55 @@ async def test_drain_refuses_new_events(runtime: Runtime) -> None:
     with pytest.raises(BatcherClosed):
         batcher.submit(block(["a"], events(np.random.default_rng(3), 1)))
     await batcher.stop()
+
+
+def lying_model() -> bytes:
+    """A real model whose state output is wider than it declares ([batch, 3], not 2).
+
+    ONNX Runtime runs it (with a warning); storing the state then fails inside the
+    batcher: the path for a batcher bug, which must answer and never leave a caller
+    waiting.
+    """
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["event"], ["output"]),
+            helper.make_node("Concat", ["state", "event"], ["wide"], axis=1),
+            # The width comes from the data (max event value), so no shape inference
+            # can see the lie at load time; events of 3.0 make it 3.
+            helper.make_node("ReduceMax", ["event"], ["peak"], keepdims=0),
+            helper.make_node("Reshape", ["peak", "one"], ["peak1"]),
+            helper.make_node("Cast", ["peak1"], ["end"], to=TensorProto.INT64),
+            helper.make_node("Slice", ["wide", "zero", "end", "one"], ["state_out"]),
+        ],
+        "lying",
+        [
+            helper.make_tensor_value_info("event", f, ["batch", 2]),
+            helper.make_tensor_value_info("state", f, ["batch", 2]),
+        ],
+        [
+            helper.make_tensor_value_info("output", f, ["batch", 2]),
+            helper.make_tensor_value_info("state_out", f, ["batch", 2]),
+        ],
+        initializer=[
+            numpy_helper.from_array(np.array([0], np.int64), "zero"),
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+async def test_a_batcher_failure_answers_every_waiting_request() -> None:
+    runtime = Runtime(lying_model(), "lying.onnx", "cpu")
+    batcher = make(runtime)
+    batcher.start()
+    x = np.full((2, 2), 3.0, np.float32)
+    jobs = [batcher.submit(block(["a", "b"], x)), batcher.submit(block(["a"], x[:1]))]
+    await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 5)
+    assert jobs[0].codes.tolist() == [Code.INTERNAL] * 2
+    assert jobs[1].codes.tolist() == [Code.INTERNAL]
+    assert jobs[1].errors[0] == "internal error in the batcher"
+    assert batcher.table.pending[: batcher.table.capacity].sum() == 0
+    await batcher.stop()
