@@ -22,6 +22,10 @@ class ModelContractError(ValueError):
     """The model does not follow DESIGN.md §2 (names, dtypes, shapes)."""
 
 
+class ModelOutputError(RuntimeError):
+    """A run returned tensors of other shapes than the model declares."""
+
+
 class DeviceUnavailableError(RuntimeError):
     """The requested execution provider cannot be used on this machine."""
 
@@ -120,6 +124,13 @@ class Runtime:
         feeds = {"event": event}
         feeds.update(zip(self.spec.state_names, states))
         output, *new_states = self._session.run(self._outputs, feeds)
+        # A graph can compute other shapes than it declares; never store those.
+        batch = event.shape[0]
+        if output.shape != (batch, self.spec.output_size) or any(
+            s.shape != (batch, size) for s, size in zip(new_states, self.spec.state_sizes)
+        ):
+            got = ", ".join(str(a.shape) for a in (output, *new_states))
+            raise ModelOutputError(f"the model returned shapes {got} for a batch of {batch}")
         return output, new_states
 
     def timed_run(

@@ -145,9 +145,7 @@ async def test_drain_refuses_new_events(runtime: Runtime) -> None:
 def lying_model() -> bytes:
     """A real model whose state output is wider than it declares ([batch, 3], not 2).
 
-    ONNX Runtime runs it (with a warning); storing the state then fails inside the
-    batcher: the path for a batcher bug, which must answer and never leave a caller
-    waiting.
+    ONNX Runtime runs it (with a warning); the runtime must refuse the result.
     """
     f = TensorProto.FLOAT
     graph = helper.make_graph(
@@ -180,15 +178,22 @@ def lying_model() -> bytes:
     return model.SerializeToString()
 
 
-async def test_a_batcher_failure_answers_every_waiting_request() -> None:
+async def test_outputs_of_undeclared_shapes_fail_the_batch_and_keep_state() -> None:
     runtime = Runtime(lying_model(), "lying.onnx", "cpu")
     batcher = make(runtime)
     batcher.start()
-    x = np.full((2, 2), 3.0, np.float32)
+    ok = batcher.submit(block(["a"], np.full((1, 2), 2.0, np.float32)))  # width 2: true
+    await ok.future
+    assert ok.codes.tolist() == [0]
+    before = batcher.get("a")
+    x = np.full((2, 2), 3.0, np.float32)  # width 3: a lie
     jobs = [batcher.submit(block(["a", "b"], x)), batcher.submit(block(["a"], x[:1]))]
     await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 5)
     assert jobs[0].codes.tolist() == [Code.INTERNAL] * 2
     assert jobs[1].codes.tolist() == [Code.INTERNAL]
-    assert jobs[1].errors[0] == "internal error in the batcher"
+    assert jobs[1].errors[0] == "the model failed on this event's batch"
+    after = batcher.get("a")
+    assert before is not None and after is not None and after.step == before.step == 1
+    np.testing.assert_array_equal(after.states[0], before.states[0])
     assert batcher.table.pending[: batcher.table.capacity].sum() == 0
     await batcher.stop()
