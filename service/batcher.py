@@ -7,16 +7,18 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate, chain
+from typing import Any, TypeVar
 
 import numpy as np
 
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.sessions import SessionSnapshot, SessionTable, session_id_error
+from service.store import StateStore, StoredRows, StoreError, StoreLayout
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,15 @@ _OUTCOME = {
 }
 NOT_FINITE = "values contain NaN or Inf"
 MODEL_FAILED = "the model failed on this event's batch"
+STORE_FAILED = "the state store is unavailable; the event was not applied, retry later"
+PROBE_INTERVAL_S = 0.5
+"""While the store is failing, it is probed this often; events fail fast meanwhile."""
+
+T = TypeVar("T")
+
+
+class StoreUnavailable(Exception):
+    """The state store is failing; the operation changed nothing."""
 
 
 class BatcherClosed(Exception):
@@ -182,8 +193,19 @@ class Batcher:
         max_batch: int,
         max_session_id_bytes: int,
         inline_batch: int = 0,
+        store: StateStore | None = None,
+        layout: StoreLayout | None = None,
+        on_store_health: Callable[[bool], None] | None = None,
     ):
         self.runtime = runtime
+        self.store = store
+        """Where sessions are written through to; None keeps them in memory only."""
+        self.layout = layout
+        self.on_store_health = on_store_health
+        """Called with False when the store starts failing and True when it recovers."""
+        self.store_failure: str | None = None
+        """Why the store is failing, or None while it works."""
+        assert store is None or layout is not None
         self.inline_batch = inline_batch
         """Runs of at most this many events run on the event loop itself."""
         self.table = table
@@ -200,6 +222,8 @@ class Batcher:
         self._idle.set()
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
+        self._store_executor = ThreadPoolExecutor(1, thread_name_prefix="state-store")
+        self._probe: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._running: np.ndarray | None = None  # rows of the run in progress
         self._closed = False
@@ -217,11 +241,13 @@ class Batcher:
 
     async def stop(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._probe):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._executor.shutdown(wait=True)
+        self._store_executor.shutdown(wait=True)
 
     # -- events ----------------------------------------------------------------------
 
@@ -237,7 +263,7 @@ class Batcher:
             self._wake.set()
         return job
 
-    def _admit(self) -> None:
+    async def _admit(self) -> None:
         """Validate and place everything in the inbox: one vectorised pass for all requests.
 
         Rejected events get their code here and never touch a session; a new
@@ -300,7 +326,14 @@ class Batcher:
         slots = table.lookup(ids)
         if slots.min() < 0:
             unknown = np.flatnonzero(slots < 0)
-            rejected |= self._create_sessions(jobs, starts, job_of, ids, slots, unknown, codes)
+            if self.store is None:
+                rejected |= self._create_sessions(jobs, starts, job_of, ids, slots, unknown, codes)
+            else:
+                # Nothing else touches the table while the stored sessions are read.
+                async with self._lock:
+                    rejected |= await self._restore_sessions(
+                        jobs, starts, job_of, ids, slots, unknown, codes
+                    )
         accepted: np.ndarray | None = None  # None: every event was accepted
         per_job = counts
         if rejected:
@@ -342,26 +375,20 @@ class Batcher:
         slots: np.ndarray,
         unknown: np.ndarray,
         codes: np.ndarray,
+        stored: StoredRows | None = None,
+        refused: dict[str, tuple[Code, str]] | None = None,
     ) -> bool:
         """Create the sessions of new ids in bulk; refuse bad ids and ids over the cap.
 
-        Every event of a refused id gets the same answer as its first one. Returns
-        whether any event was refused.
+        ``stored`` sessions start from their stored rows instead of zeros; ids in
+        ``refused`` are refused with the given answer. Every event of a refused id
+        gets the same answer as its first one. Returns whether any event was refused.
         """
         table = self.table
-        row_array = unknown[codes[unknown] == 0]
-        rows = row_array.tolist()
-        new = [ids[i] for i in rows]
-        distinct = list(dict.fromkeys(new))  # first appearance order, at C speed
-        refused: dict[str, tuple[Code, str]] = {}
-        lengths = list(map(len, distinct))
-        limit = self.max_session_id_bytes
-        if not lengths or min(lengths) == 0 or 4 * max(lengths) > limit:
-            # Some id may be empty or too long (UTF-8 has at most 4 bytes a character).
-            for sid in distinct:
-                problem = session_id_error(sid, limit)
-                if problem is not None:
-                    refused[sid] = (Code.INVALID_ARGUMENT, problem)
+        row_array, new, distinct = self._new_ids(ids, unknown, codes)
+        refused = {} if refused is None else refused
+        distinct = self._valid_ids(distinct, refused)
+        if refused:
             distinct = [sid for sid in distinct if sid not in refused]
         room = table.room()
         if len(distinct) > room:  # the earliest new sessions fit; the rest are refused
@@ -373,18 +400,121 @@ class Batcher:
                 refused[sid] = full
             distinct = distinct[:room]
         created = table.create_many(distinct, time.time()) if distinct else None
+        if stored is not None and len(stored):
+            # Stored sessions refused over the cap have no row (-1) and stay in the store.
+            restored = table.restore(table.lookup(stored.session_ids), stored, self._layout)
+            self.metrics.store_reads.labels("restored").inc(restored)
         if not refused:
             # Each new id once (the common case): the created rows are the rows' slots.
             slots[row_array] = created if len(distinct) == len(new) else table.lookup(new)
             return False
         index = table.index
-        for i, sid in zip(rows, new):
+        for i, sid in zip(row_array.tolist(), new):
             if sid in refused:
                 j = int(job_of[i])
                 jobs[j].fail(i - starts[j], *refused[sid])
             else:
                 slots[i] = index[sid]
         return True
+
+    @staticmethod
+    def _new_ids(
+        ids: Sequence[str], unknown: np.ndarray, codes: np.ndarray
+    ) -> tuple[np.ndarray, list[str], list[str]]:
+        """Rows of unknown ids not yet refused, their ids, and those ids once each."""
+        row_array = unknown[codes[unknown] == 0]
+        new = [ids[i] for i in row_array.tolist()]
+        return row_array, new, list(dict.fromkeys(new))  # first appearance order, at C speed
+
+    def _valid_ids(self, distinct: list[str], refused: dict[str, tuple[Code, str]]) -> list[str]:
+        """``distinct`` without the ids that are empty or too long (added to ``refused``)."""
+        lengths = list(map(len, distinct))
+        limit = self.max_session_id_bytes
+        if lengths and min(lengths) > 0 and 4 * max(lengths) <= limit:
+            return distinct  # UTF-8 has at most 4 bytes a character: every id fits
+        for sid in distinct:
+            problem = session_id_error(sid, limit)
+            if problem is not None:
+                refused[sid] = (Code.INVALID_ARGUMENT, problem)
+        return [sid for sid in distinct if sid not in refused]
+
+    async def _restore_sessions(
+        self,
+        jobs: list[Job],
+        starts: list[int],
+        job_of: np.ndarray,
+        ids: Sequence[str],
+        slots: np.ndarray,
+        unknown: np.ndarray,
+        codes: np.ndarray,
+    ) -> bool:
+        """Like ``_create_sessions``, but ids the store holds continue from their stored state.
+
+        While the store cannot be read, no unknown id can be told new from stored:
+        their events are refused UNAVAILABLE rather than started from zeros.
+        """
+        assert self.store is not None
+        _, _, distinct = self._new_ids(ids, unknown, codes)
+        refused: dict[str, tuple[Code, str]] = {}
+        distinct = self._valid_ids(distinct, refused)
+        stored = None
+        try:
+            stored = await self._store_call(self.store.load, distinct)
+        except StoreUnavailable:
+            refused.update(dict.fromkeys(distinct, (Code.UNAVAILABLE, STORE_FAILED)))
+        else:
+            self.metrics.store_reads.labels("missed").inc(len(distinct) - len(stored))
+        return self._create_sessions(
+            jobs, starts, job_of, ids, slots, unknown, codes, stored, refused
+        )
+
+    @property
+    def _layout(self) -> StoreLayout:
+        assert self.layout is not None
+        return self.layout
+
+    # -- the state store -------------------------------------------------------------
+
+    async def _store_call(self, call: Callable[..., T], *args: Any) -> T:
+        """Run a store call in the store's thread; StoreUnavailable if it fails (or is failing)."""
+        if self.store_failure is not None:
+            raise StoreUnavailable(self.store_failure)
+        started = time.perf_counter()
+        try:
+            result = await self._loop.run_in_executor(self._store_executor, call, *args)
+        except StoreError as exc:
+            self._store_failed(str(exc))
+            raise StoreUnavailable(str(exc)) from exc
+        self.metrics.store_seconds.labels(call.__name__).observe(time.perf_counter() - started)
+        return result
+
+    def _store_failed(self, reason: str) -> None:
+        self.metrics.store_errors.inc()
+        if self.store_failure is not None:
+            return
+        log.error("%s; answering UNAVAILABLE and reporting NOT_SERVING until it recovers", reason)
+        self.store_failure = reason
+        self.metrics.store_up.set(0)
+        if self.on_store_health is not None:
+            self.on_store_health(False)
+        self._probe = self._loop.create_task(self._probe_store(), name="store-probe")
+
+    async def _probe_store(self) -> None:
+        """Try a small write every PROBE_INTERVAL_S until the store takes it again."""
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            try:
+                await self._loop.run_in_executor(self._store_executor, self.store.probe)
+            except StoreError as exc:
+                log.debug("state store still failing: %s", exc)
+                continue
+            log.info("state store recovered")
+            self.store_failure = None
+            self.metrics.store_up.set(1)
+            if self.on_store_health is not None:
+                self.on_store_health(True)
+            return
 
     def _count_rejections(self, codes: np.ndarray) -> None:
         values, counts = np.unique(codes[codes != 0], return_counts=True)
@@ -396,7 +526,7 @@ class Batcher:
     async def _run_loop(self) -> None:
         while True:
             if self._inbox:
-                self._admit()
+                await self._admit()
             if not len(self._pool):
                 if self._inbox:
                     continue
@@ -436,8 +566,10 @@ class Batcher:
             all_apply = True
         apply = ~duplicate
         run_slots = slots if all_apply else slots[apply]
-        failed = False
-        if run_slots.size:
+        failure: tuple[Code, str] | None = None
+        if run_slots.size and self.store_failure is not None:
+            failure = (Code.UNAVAILABLE, STORE_FAILED)  # fail fast; the probe sees recovery
+        elif run_slots.size:
             states = [t[run_slots] for t in table.states]
             run_resets = resets if all_apply else resets[apply]
             if run_resets.any():
@@ -458,31 +590,80 @@ class Batcher:
                     )
             except Exception:
                 log.exception("ONNX Runtime failed on a batch of %d events", run_slots.size)
-                failed = True
+                failure = (Code.INTERNAL, MODEL_FAILED)
             else:
                 self.metrics.inference_seconds.observe(time.perf_counter() - started)
                 self.metrics.inference_cpu.inc(cpu)
                 self.metrics.batch_size.observe(run_slots.size)
-                for t, s in zip(table.states, new_states):
-                    t[run_slots] = s
-                if table.output_alias is None:
-                    table.output[run_slots] = output
-                table.step[run_slots] += np.uint64(1)
+                step = table.step[run_slots] + np.uint64(1)
+                last_seq = table.last_seq[run_slots]
                 if sequenced:
-                    run_seqs = seqs if all_apply else seqs[apply]
-                    table.last_seq[run_slots] = np.maximum(table.last_seq[run_slots], run_seqs)
-                table.updated[run_slots] = time.time()
+                    last_seq = np.maximum(last_seq, seqs if all_apply else seqs[apply])
+                now = time.time()
+                if self.store is not None:
+                    failure = await self._write_through(
+                        run_slots, step, last_seq, new_states, output, now
+                    )
+                if failure is None:  # only what is stored is applied
+                    for t, s in zip(table.states, new_states):
+                        t[run_slots] = s
+                    if table.output_alias is None:
+                        table.output[run_slots] = output
+                    table.step[run_slots] = step
+                    table.last_seq[run_slots] = last_seq
+                    table.updated[run_slots] = now
 
-        self._answer(batch, duplicate, failed)
+        self._answer(batch, duplicate, failure)
         table.finish(slots)
         self._running = None
-        applied = 0 if failed else int(run_slots.size)
-        self.metrics.count_events("applied", applied)
+        not_applied = int(run_slots.size) if failure else 0
+        self.metrics.count_events("applied", int(run_slots.size) - not_applied)
         self.metrics.count_events("duplicate", int(slots.size - run_slots.size))
-        self.metrics.count_events("failed", int(run_slots.size) - applied)
+        if failure is not None:
+            self.metrics.count_events(_OUTCOME[failure[0]], not_applied)
         self.metrics.event_seconds.observe_many(time.perf_counter() - batch["t0"])
 
-    def _answer(self, batch: dict[str, np.ndarray], duplicate: np.ndarray, failed: bool) -> None:
+    async def _write_through(
+        self,
+        slots: np.ndarray,
+        step: np.ndarray,
+        last_seq: np.ndarray,
+        states: Sequence[np.ndarray],
+        output: np.ndarray,
+        now: float,
+    ) -> tuple[Code, str] | None:
+        """Commit a run's new rows in one transaction; the failure to answer when that fails.
+
+        Rows deleted while their events were pending are not written back.
+        """
+        assert self.store is not None
+        table = self.table
+        keep = None
+        if table.n_doomed:
+            keep = ~table.doomed[slots]
+            slots, step, last_seq = slots[keep], step[keep], last_seq[keep]
+            states, output = [s[keep] for s in states], output[keep]
+        rows = StoredRows(
+            table.ids[slots].tolist(),
+            step,
+            last_seq,
+            self._layout.join(states, output),
+            table.created[slots],
+            np.full(slots.size, now),
+        )
+        try:
+            await self._store_call(self.store.save, rows)
+        except StoreUnavailable:
+            return (Code.UNAVAILABLE, STORE_FAILED)
+        self.metrics.store_rows_written.inc(len(rows))
+        return None
+
+    def _answer(
+        self,
+        batch: dict[str, np.ndarray],
+        duplicate: np.ndarray,
+        failure: tuple[Code, str] | None,
+    ) -> None:
         """Copy each event's result into its request; resolve requests that are complete."""
         table = self.table
         slots, intakes, rows, jobs = batch["slots"], batch["intake"], batch["row"], batch["job"]
@@ -500,9 +681,9 @@ class Batcher:
             if intake.states is not None:
                 for out, t in zip(intake.states, table.states):
                     out[r] = t[slots[lo:hi]]
-            if failed:
+            if failure is not None:
                 bad = r[~duplicate[lo:hi]]
-                intake.codes[bad] = Code.INTERNAL
+                intake.codes[bad] = failure[0]
                 intake.outputs[bad] = 0.0
             # Within an intake, events keep their order, so job numbers never decrease.
             if jobs[lo] == jobs[hi - 1]:
@@ -513,9 +694,9 @@ class Batcher:
             finished = 0
             for j, count in per_job:
                 job = intake.jobs[j]
-                if failed:
+                if failure is not None:
                     for i in r[(jobs[lo:hi] == j) & ~duplicate[lo:hi]].tolist():
-                        job.errors[i - intake.starts[j]] = MODEL_FAILED
+                        job.errors[i - intake.starts[j]] = failure[1]
                 job.remaining -= count
                 if job.remaining == 0:
                     job.future.set_result(job)
@@ -549,47 +730,153 @@ class Batcher:
 
     # -- session operations (between runs) -------------------------------------------
 
-    def get(self, session_id: str) -> SessionSnapshot | None:
+    async def get(self, session_id: str) -> SessionSnapshot | None:
+        """A session in memory, else (with a store) as stored; None when there is none."""
         slot = self.table.index.get(session_id)
-        return None if slot is None else self.table.snapshot(slot)
+        if slot is not None:
+            return self.table.snapshot(slot)
+        rows = await self._load_one(session_id)
+        return None if rows is None else self._snapshot_of(rows)
 
     async def put(
         self, session_id: str, step: int, last_seq: int, states: Sequence[np.ndarray | None]
     ) -> SessionSnapshot:
-        """Create or overwrite a session, after any run in flight has been scattered."""
+        """Create or overwrite a session, after any run in flight has been scattered.
+
+        With a store, the row is stored first; a session only in the store stays there.
+        """
         async with self._lock:
             table = self.table
             slot = table.index.get(session_id)
             now = time.time()
-            if slot is None:
-                slot = table.create(session_id, now)
-            table.write(slot, step, last_seq, states, now)
-            return table.snapshot(slot)
+            if self.store is None:
+                if slot is None:
+                    slot = table.create(session_id, now)
+                table.write(slot, step, last_seq, states, now)
+                return table.snapshot(slot)
+            if slot is not None:
+                created = float(table.created[slot])
+            else:
+                stored = await self._load_one(session_id)
+                created = now if stored is None else float(stored.created[0])
+            full = [
+                np.zeros((1, n), np.float32) if v is None else np.reshape(v, (1, n))
+                for v, n in zip(states, table.state_sizes)
+            ]
+            output = np.zeros((1, table.output_size), np.float32)
+            rows = _one_row(session_id, step, last_seq, self._layout.join(full, output), created)
+            rows.updated[0] = now
+            await self._store_call(self.store.save, rows)
+            if slot is not None:
+                table.write(slot, step, last_seq, states, now)
+            return self._snapshot_of(rows)
 
     async def reset(self, session_id: str) -> SessionSnapshot | None:
+        """Zero a session's state, keeping its counters; None when there is none."""
         async with self._lock:
-            slot = self.table.index.get(session_id)
-            if slot is None:
+            table = self.table
+            slot = table.index.get(session_id)
+            now = time.time()
+            if self.store is not None:
+                if slot is not None:
+                    rows = table.stored_rows(np.array([slot]), self._layout)
+                else:
+                    found = await self._load_one(session_id)
+                    if found is None:
+                        return None
+                    rows = found
+                rows.blob = np.zeros_like(rows.blob)
+                rows.updated = np.array([now])
+                await self._store_call(self.store.save, rows)
+                if slot is None:
+                    return self._snapshot_of(rows)
+            elif slot is None:
                 return None
-            self.table.reset(slot)
-            self.table.updated[slot] = time.time()
-            return self.table.snapshot(slot)
+            table.reset(slot)
+            table.updated[slot] = now
+            return table.snapshot(slot)
 
     async def delete(self, session_id: str) -> SessionSnapshot | None:
+        """Drop a session (from the store too); its last state, or None when there is none."""
         async with self._lock:
-            if session_id not in self.table:
-                return None
-            return self.table.remove(session_id)
+            slot = self.table.index.get(session_id)
+            if self.store is None:
+                return None if slot is None else self.table.remove(session_id)
+            if slot is not None:
+                snap = self.table.snapshot(slot)
+            else:
+                rows = await self._load_one(session_id)
+                if rows is None:
+                    return None
+                snap = self._snapshot_of(rows)
+            await self._store_call(self.store.delete, [session_id])
+            if slot is not None:
+                self.table.remove(session_id)
+            return snap
 
-    def evict_idle(self, ttl: float) -> int:
-        """Drop sessions idle longer than ``ttl`` seconds (none with pending events)."""
-        ids = self.table.idle_ids(time.time() - ttl)
+    async def evict_idle(self, ttl: float) -> int:
+        """Drop sessions idle longer than ``ttl`` seconds from memory (none with pending events).
+
+        Without a store that is the end of them; with one, they are restored when used again.
+        """
+        async with self._lock:
+            n = self._evict_idle_before(time.time() - ttl)
+        if n:
+            self.metrics.evictions.labels("ttl").inc(n)
+            log.info("evicted %d idle sessions from memory (ttl %.0fs)", n, ttl)
+        return n
+
+    async def expire_stored(self, ttl: float) -> int:
+        """Delete sessions idle longer than ``ttl`` seconds from the store, and from memory."""
+        assert self.store is not None
+        async with self._lock:
+            cutoff = time.time() - ttl
+            try:
+                n = await self._store_call(self.store.expire, cutoff)
+            except StoreUnavailable:
+                return 0  # tried again at the next period; the probe reports recovery
+            # Write-through keeps ``updated`` equal in both places: the same sessions.
+            self._evict_idle_before(cutoff)
+        if n:
+            self.metrics.evictions.labels("store_ttl").inc(n)
+            log.info("expired %d sessions from the state store (store ttl %.0fs)", n, ttl)
+        return n
+
+    def _evict_idle_before(self, cutoff: float) -> int:
+        ids = self.table.idle_ids(cutoff)
         for sid in ids:
             self.table.remove(sid)
-        if ids:
-            self.metrics.evictions.labels("ttl").inc(len(ids))
-            log.info("evicted %d idle sessions (ttl %.0fs)", len(ids), ttl)
         return len(ids)
+
+    async def _load_one(self, session_id: str) -> StoredRows | None:
+        if self.store is None:
+            return None
+        rows = await self._store_call(self.store.load, [session_id])
+        return rows if len(rows) else None
+
+    def _snapshot_of(self, rows: StoredRows) -> SessionSnapshot:
+        """The first of ``rows`` as a snapshot."""
+        states, output = self._layout.split(rows.blob[:1])
+        return SessionSnapshot(
+            session_id=rows.session_ids[0],
+            step=int(rows.step[0]),
+            last_seq=int(rows.last_seq[0]),
+            states=tuple(s[0].copy() for s in states),
+            output=output[0].copy(),
+            created=float(rows.created[0]),
+            updated=float(rows.updated[0]),
+        )
+
+
+def _one_row(session_id: str, step: int, last_seq: int, blob: np.ndarray, now: float) -> StoredRows:
+    return StoredRows(
+        [session_id],
+        np.array([step], np.uint64),
+        np.array([last_seq], np.uint64),
+        blob,
+        np.array([now]),
+        np.array([now]),
+    )
 
 
 def _column(parts: list[np.ndarray | None], counts: list[int], dtype: type) -> np.ndarray:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from service.batcher import BatcherClosed
+from service.batcher import BatcherClosed, StoreUnavailable
 from service.metrics import Metrics
 from service.sessions import SessionCapError
 
@@ -34,6 +34,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, exc.message
     if isinstance(exc, BatcherClosed):
         return grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica"
+    if isinstance(exc, StoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, "the state store is unavailable; retry later"
     if isinstance(exc, SessionCapError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     return grpc.StatusCode.INTERNAL, "internal error (logged on the server)"

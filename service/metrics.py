@@ -122,6 +122,31 @@ class Metrics:
             "lstm_evictions", "Sessions evicted, by reason.", ["reason"], registry=r
         )
         self.active_streams = Gauge("lstm_active_streams", "Open StreamSteps calls.", registry=r)
+        self.store_up = Gauge(
+            "lstm_store_up",
+            "1 while the state store takes writes (always 1 for memory), 0 while it fails.",
+            registry=r,
+        )
+        self.store_up.set(1)
+        self.store_errors = Counter(
+            "lstm_store_errors", "State store operations that failed.", registry=r
+        )
+        self.store_seconds = Histogram(
+            "lstm_store_duration_seconds",
+            "Time of one state store operation (save: one run's group commit).",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_rows_written = Counter(
+            "lstm_store_rows_written", "Session rows committed to the state store.", registry=r
+        )
+        self.store_reads = Counter(
+            "lstm_store_reads",
+            "Sessions looked up in the state store: restored (found) or missed (new).",
+            ["result"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "lstm_model_info",
             "The loaded model (value 1).",

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import logging
 import signal
 import sys
@@ -27,6 +28,7 @@ from service.runtime import DeviceUnavailableError, ModelContractError, Runtime,
 from service.servicer import SERVICE_NAME, LstmStreamServicer
 from service.sessions import SessionTable
 from service.settings import Settings
+from service.store import StateStore, StoreError, StoreLayout, StoreMismatchError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,9 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._servicer: LstmStreamServicer | None = None
         self._metrics_http: tuple[WSGIServer, Thread] | None = None
-        self._ttl_task: asyncio.Task[None] | None = None
+        self.store: StateStore | None = None
+        self._ttl_tasks: list[asyncio.Task[None]] = []
+        self._health_tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._stopping = False
 
@@ -97,6 +101,17 @@ class Server:
         )
         await loop.run_in_executor(None, self.runtime.warm_up, s.max_batch)
         spec = self.runtime.spec
+        layout = StoreLayout(
+            # A model without a parameter fingerprint is known by its bytes.
+            spec.fingerprint or "sha256:" + hashlib.sha256(model).hexdigest(),
+            spec.state_names,
+            spec.state_sizes,
+            spec.output_size,
+            spec.output_alias,
+        )
+        self.store = open_store(s.state_store, s.store_sync, s.store_timeout)
+        if self.store is not None:
+            await loop.run_in_executor(None, self.store.open, layout, s.store_reset)
         table = SessionTable(
             spec.state_sizes,
             spec.output_size,
@@ -105,7 +120,15 @@ class Server:
             output_alias=spec.output_alias,
         )
         self.batcher = Batcher(
-            self.runtime, table, self.metrics, s.max_batch, s.max_session_id_bytes, s.inline_batch
+            self.runtime,
+            table,
+            self.metrics,
+            s.max_batch,
+            s.max_session_id_bytes,
+            s.inline_batch,
+            store=self.store,
+            layout=layout,
+            on_store_health=self._store_health,
         )
         self.batcher.start()
         self._servicer.attach(self.batcher)
@@ -118,15 +141,22 @@ class Server:
             spec.source,
         ).set(1)
         if s.session_ttl > 0:
-            self._ttl_task = loop.create_task(self._evict_loop(s.session_ttl), name="ttl-eviction")
+            self._ttl_tasks.append(
+                loop.create_task(self._evict_loop(s.session_ttl), name="ttl-eviction")
+            )
+        if self.store is not None and s.store_ttl > 0:
+            self._ttl_tasks.append(
+                loop.create_task(self._expire_loop(s.store_ttl), name="store-expiry")
+            )
         await self._set_health(SERVING)
         log.info(
-            "serving on %s:%d, metrics on http://%s:%d/metrics, provider %s",
+            "serving on %s:%d, metrics on http://%s:%d/metrics, provider %s, state store %s",
             s.host,
             self.port,
             s.metrics_bind_host,
             self.metrics_port,
             self.runtime.provider,
+            s.state_store,
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -138,8 +168,8 @@ class Server:
         grace = self.settings.grace if grace is None else grace
         log.info("draining (grace %.1fs)", grace)
         await self._set_health(NOT_SERVING)
-        if self._ttl_task is not None:
-            self._ttl_task.cancel()
+        for task in self._ttl_tasks:
+            task.cancel()
         if self._servicer is not None:
             self._servicer.start_drain()
         deadline = time.monotonic() + grace
@@ -152,6 +182,8 @@ class Server:
             await self._grpc.stop(max(deadline - time.monotonic(), 0.0))
         if self.batcher is not None:
             await self.batcher.stop()
+        if self.store is not None:
+            self.store.close()
         if self._metrics_http is not None:
             httpd, thread = self._metrics_http
             httpd.shutdown()
@@ -181,12 +213,27 @@ class Server:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
+    def _store_health(self, ok: bool) -> None:
+        """The batcher's report on the store: health follows it, except while draining."""
+        if self._stopping:
+            return
+        task = asyncio.ensure_future(self._set_health(SERVING if ok else NOT_SERVING))
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
     async def _evict_loop(self, ttl: float) -> None:
         assert self.batcher is not None
         period = min(max(ttl / 4, 0.05), 5.0)
         while True:
             await asyncio.sleep(period)
-            self.batcher.evict_idle(ttl)
+            await self.batcher.evict_idle(ttl)
+
+    async def _expire_loop(self, ttl: float) -> None:
+        assert self.batcher is not None
+        period = min(max(ttl / 4, 0.05), 60.0)
+        while True:
+            await asyncio.sleep(period)
+            await self.batcher.expire_stored(ttl)
 
 
 def _bracket(host: str) -> str:
@@ -200,7 +247,13 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
     try:
         await server.start()
-    except (ModelContractError, DeviceUnavailableError, OSError) as exc:
+    except (
+        ModelContractError,
+        DeviceUnavailableError,
+        OSError,
+        StoreError,
+        StoreMismatchError,
+    ) as exc:
         log.error("cannot start: %s", exc)
         print(f"lstm-serve: {exc}", file=sys.stderr, flush=True)
         await server.stop(0)

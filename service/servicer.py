@@ -290,7 +290,7 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
         self, request: pb.SessionRef, context: grpc.aio.ServicerContext
     ) -> pb.Session:
         self._known_id(request.session_id)
-        snap = self.batcher.get(request.session_id)
+        snap = await self.batcher.get(request.session_id)
         if snap is None:
             raise self._not_found(request.session_id)
         return self._session(snap)

@@ -9,6 +9,8 @@ from itertools import repeat
 
 import numpy as np
 
+from service.store import StoredRows, StoreLayout
+
 
 class SessionCapError(Exception):
     """The table holds ``max_sessions`` live sessions already."""
@@ -83,6 +85,11 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def n_doomed(self) -> int:
+        """Rows deleted while events were pending, not yet freed."""
+        return self._n_doomed
+
     def __contains__(self, session_id: str) -> bool:
         return session_id in self.index
 
@@ -122,6 +129,40 @@ class SessionTable:
         self.ids[slots] = column
         self.index.update(zip(session_ids, slots.tolist()))
         return slots
+
+    def restore(self, slots: np.ndarray, rows: StoredRows, layout: StoreLayout) -> int:
+        """Fill rows from stored sessions (``slots[i]`` gets ``rows`` entry i; -1 skips it).
+
+        Returns how many rows were filled.
+        """
+        keep = slots >= 0
+        blob, step, last_seq = rows.blob, rows.step, rows.last_seq
+        created, updated = rows.created, rows.updated
+        if not keep.all():
+            slots = slots[keep]
+            blob, step, last_seq = blob[keep], step[keep], last_seq[keep]
+            created, updated = created[keep], updated[keep]
+        states, output = layout.split(blob)
+        for table, value in zip(self.states, states):
+            table[slots] = value
+        if self.output_alias is None:
+            self.output[slots] = output
+        self.step[slots] = step
+        self.last_seq[slots] = last_seq
+        self.created[slots] = created
+        self.updated[slots] = updated
+        return int(slots.size)
+
+    def stored_rows(self, slots: np.ndarray, layout: StoreLayout) -> StoredRows:
+        """These rows as the store keeps them."""
+        return StoredRows(
+            self.ids[slots].tolist(),
+            self.step[slots],
+            self.last_seq[slots],
+            layout.join([t[slots] for t in self.states], self.output[slots]),
+            self.created[slots],
+            self.updated[slots],
+        )
 
     def reset(self, slot: int) -> None:
         """Zero the state of a row; counters are kept."""

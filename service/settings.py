@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.store import check_url
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -58,6 +60,38 @@ class Settings:
     initial_capacity: int = field(
         default=1024, metadata={"help": "session rows preallocated at start (grown x2 on demand)"}
     )
+    state_store: str = field(
+        default="memory",
+        metadata={
+            "help": "where sessions live: memory (lost on restart) or sqlite:///path/state.db "
+            "(every answered event is stored first)"
+        },
+    )
+    store_sync: str = field(
+        default="normal",
+        metadata={
+            "help": "SQLite synchronous: normal (survives a process crash) or full "
+            "(also a power loss; an fsync per commit)",
+            "choices": ("normal", "full"),
+        },
+    )
+    store_ttl: float = field(
+        default=7 * 86400.0,
+        metadata={"help": "delete sessions idle this many seconds from the store (0 = never)"},
+    )
+    store_timeout: float = field(
+        default=1.0,
+        metadata={
+            "help": "seconds a store write waits for a lock before the store counts as failing"
+        },
+    )
+    store_reset: bool = field(
+        default=False,
+        metadata={
+            "help": "delete every stored session at start (needed to open a store written "
+            "for another model)"
+        },
+    )
     grace: float = field(
         default=10.0, metadata={"help": "seconds to finish in-flight work on SIGTERM"}
     )
@@ -82,12 +116,18 @@ class Settings:
             (self.max_session_id_bytes >= 1, "--max-session-id-bytes must be >= 1"),
             (self.initial_capacity >= 1, "--initial-capacity must be >= 1"),
             (self.grace >= 0, "--grace must be >= 0"),
+            (self.store_sync in ("normal", "full"), "--store-sync must be normal or full"),
+            (self.store_ttl >= 0, "--store-ttl must be >= 0"),
+            (self.store_timeout >= 0, "--store-timeout must be >= 0"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
             (self.log_format in ("json", "text"), "--log-format must be json or text"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        problem = check_url(self.state_store)
+        if problem is not None:
+            raise ValueError(problem)
 
     @property
     def metrics_bind_host(self) -> str:
@@ -113,13 +153,15 @@ class Settings:
                 try:
                     default = kind(env[var]) if env[var] != "" or kind is str else None
                 except ValueError:
-                    parser.error(f"{var}={env[var]!r} is not a valid {kind.__name__}")
+                    parser.error(f"{var}={env[var]!r} is not a valid {f.type}")
+            extra: dict[str, Any] = {"nargs": "?", "const": True} if kind is _boolean else {}
             parser.add_argument(
                 flag,
                 type=kind,
                 default=default,
                 choices=f.metadata.get("choices"),
                 help=f"{f.metadata['help']} [env {var}; default {f.default!r}]",
+                **extra,
             )
         values = vars(parser.parse_args(argv))
         if values.get("model") == "":
@@ -131,9 +173,19 @@ class Settings:
             raise  # unreachable: parser.error exits
 
 
-def _scalar_type(f: dataclasses.Field[Any]) -> type:
+def _boolean(text: str) -> bool:
+    """``--flag`` alone, or 1/0, true/false, yes/no, on/off (flags and ``LSTM_*`` alike)."""
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(text)
+
+
+def _scalar_type(f: dataclasses.Field[Any]) -> Any:
     annotation = str(f.type)
-    for name, kind in (("int", int), ("float", float)):
+    for name, kind in (("int", int), ("float", float), ("bool", _boolean)):
         if annotation == name:
             return kind
     return str

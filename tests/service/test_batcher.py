@@ -13,6 +13,7 @@ from service.batcher import Batcher, BatcherClosed, Code, EventBlock
 from service.metrics import Metrics
 from service.runtime import Runtime, load_model_bytes
 from service.sessions import SessionTable
+from tests.service.models import failing_model
 from tests.service.reference import Reference, events
 
 
@@ -66,44 +67,6 @@ async def test_max_batch_splits_runs_and_later_jobs_keep_their_order(runtime: Ru
     await batcher.stop()
 
 
-def failing_model() -> bytes:
-    """A real model ONNX Runtime refuses to run when an event's first value is >= 10.
-
-    ``output = event + 0 * table[int(event[:, 0])]``: Gather fails on an index out of bounds.
-    """
-    nodes = [
-        helper.make_node("Slice", ["event", "zero", "one", "one"], ["first"]),
-        helper.make_node("Cast", ["first"], ["index"], to=TensorProto.INT64),
-        helper.make_node("Gather", ["table", "index"], ["looked_up"]),
-        helper.make_node("Mul", ["looked_up", "nothing"], ["zeroed"]),
-        helper.make_node("Add", ["event", "zeroed"], ["output"]),
-        helper.make_node("Identity", ["state"], ["state_out"]),
-    ]
-    inits = [
-        numpy_helper.from_array(np.array([0], np.int64), "zero"),
-        numpy_helper.from_array(np.array([1], np.int64), "one"),
-        numpy_helper.from_array(np.arange(10, dtype=np.float32), "table"),
-        numpy_helper.from_array(np.array(0, np.float32), "nothing"),
-    ]
-    f = TensorProto.FLOAT
-    graph = helper.make_graph(
-        nodes,
-        "failing",
-        [
-            helper.make_tensor_value_info("event", f, ["batch", 2]),
-            helper.make_tensor_value_info("state", f, ["batch", 2]),
-        ],
-        [
-            helper.make_tensor_value_info("output", f, ["batch", 2]),
-            helper.make_tensor_value_info("state_out", f, ["batch", 2]),
-        ],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
-
-
 async def test_a_failed_run_answers_internal_and_keeps_state() -> None:
     runtime = Runtime(failing_model(), "failing.onnx", "cpu")
     runtime.warm_up(8)
@@ -113,17 +76,18 @@ async def test_a_failed_run_answers_internal_and_keeps_state() -> None:
     ok = batcher.submit(block(["a"], good, [1]))
     await ok.future  # type: ignore[misc]
     assert ok.codes.tolist() == [0] and ok.outputs.tolist() == [[1.0, 2.0]]
-    before = batcher.get("a")
+    before = await batcher.get("a")
     # One poisoned event fails its whole run: both events get INTERNAL, neither state moves.
     bad = batcher.submit(block(["a", "b"], np.array([[50.0, 0.0], [1.0, 1.0]], np.float32), [2, 0]))
     await bad.future  # type: ignore[misc]
     assert bad.codes.tolist() == [Code.INTERNAL, Code.INTERNAL]
     assert bad.errors[0] == "the model failed on this event's batch"
     assert not bad.outputs.any()
-    after = batcher.get("a")
+    after = await batcher.get("a")
     assert before is not None and after is not None
     assert (after.step, after.last_seq) == (1, 1)
-    assert batcher.get("b") is not None and batcher.get("b").step == 0  # type: ignore[union-attr]
+    b = await batcher.get("b")
+    assert b is not None and b.step == 0
     # The batcher keeps going; seq 2 was never applied, so it is not a duplicate now.
     again = batcher.submit(block(["a"], good, [2]))
     await again.future  # type: ignore[misc]
@@ -185,14 +149,14 @@ async def test_outputs_of_undeclared_shapes_fail_the_batch_and_keep_state() -> N
     ok = batcher.submit(block(["a"], np.full((1, 2), 2.0, np.float32)))  # width 2: true
     await ok.future
     assert ok.codes.tolist() == [0]
-    before = batcher.get("a")
+    before = await batcher.get("a")
     x = np.full((2, 2), 3.0, np.float32)  # width 3: a lie
     jobs = [batcher.submit(block(["a", "b"], x)), batcher.submit(block(["a"], x[:1]))]
     await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 5)
     assert jobs[0].codes.tolist() == [Code.INTERNAL] * 2
     assert jobs[1].codes.tolist() == [Code.INTERNAL]
     assert jobs[1].errors[0] == "the model failed on this event's batch"
-    after = batcher.get("a")
+    after = await batcher.get("a")
     assert before is not None and after is not None and after.step == before.step == 1
     np.testing.assert_array_equal(after.states[0], before.states[0])
     assert batcher.table.pending[: batcher.table.capacity].sum() == 0

@@ -22,13 +22,28 @@ def test_defaults() -> None:
 
 
 def test_every_field_has_a_flag_and_a_variable() -> None:
-    special = {"device": "cpu", "log_format": "text", "log_level": "DEBUG", "host": "::1"}
+    special = {
+        "device": "cpu",
+        "log_format": "text",
+        "log_level": "DEBUG",
+        "host": "::1",
+        "state_store": "sqlite:///var/lib/lstm/state.db",
+        "store_sync": "full",
+        "store_reset": "yes",
+    }
     for f in dataclasses.fields(Settings):
         text = special.get(f.name, "2048")
         from_env = Settings.from_args([], env={"LSTM_" + f.name.upper(): text})
         from_flag = Settings.from_args(["--" + f.name.replace("_", "-"), text], env={})
         assert getattr(from_env, f.name) == getattr(from_flag, f.name), f.name
-        assert str(getattr(from_flag, f.name)) in (text, text + ".0"), f.name
+        value = getattr(from_flag, f.name)
+        assert value is True if text == "yes" else str(value) in (text, text + ".0"), f.name
+
+
+def test_a_boolean_flag_alone_means_true() -> None:
+    assert Settings.from_args(["--store-reset"], env={}).store_reset is True
+    assert Settings.from_args([], env={"LSTM_STORE_RESET": "0"}).store_reset is False
+    assert Settings.from_args([], env={}).store_reset is False
 
 
 def test_flags_win_over_environment() -> None:
@@ -46,6 +61,9 @@ def test_flags_win_over_environment() -> None:
         (["--device", "tpu"], {}, "invalid choice: 'tpu'"),
         ([], {"LSTM_PORT": "eighty"}, "LSTM_PORT='eighty' is not a valid int"),
         (["--session-ttl", "-1"], {}, "--session-ttl must be >= 0"),
+        (["--state-store", "redis://x"], {}, "expected memory or sqlite:///path/to/state.db"),
+        (["--state-store", "sqlite://"], {}, "sqlite:// needs a file"),
+        ([], {"LSTM_STORE_RESET": "maybe"}, "LSTM_STORE_RESET='maybe' is not a valid bool"),
     ],
 )
 def test_bad_values_exit_2_with_a_message(
