@@ -317,7 +317,9 @@ class Batcher:
                 rejected = True
                 for i, message in block.bad.items():
                     jobs[j].fail(i, Code.INVALID_ARGUMENT, message)
-        if not np.isfinite(values.sum(dtype=np.float64)):  # NaN/Inf propagate through a sum
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: hostile, not news
+            finite = np.isfinite(values.sum(dtype=np.float64))  # NaN/Inf propagate through a sum
+        if not finite:
             rejected = True
             for i in np.flatnonzero(~np.isfinite(values).all(axis=1)).tolist():
                 if not codes[i]:
@@ -405,8 +407,8 @@ class Batcher:
             restored = table.restore(table.lookup(stored.session_ids), stored, self._layout)
             self.metrics.store_reads.labels("restored").inc(restored)
         if not refused:
-            # Each new id once (the common case): the created rows are the rows' slots.
-            slots[row_array] = created if len(distinct) == len(new) else table.lookup(new)
+            if new:  # each new id once (the common case): the created rows are the rows' slots
+                slots[row_array] = created if len(distinct) == len(new) else table.lookup(new)
             return False
         index = table.index
         for i, sid in zip(row_array.tolist(), new):
@@ -526,7 +528,13 @@ class Batcher:
     async def _run_loop(self) -> None:
         while True:
             if self._inbox:
-                await self._admit()
+                jobs = self._inbox
+                try:
+                    await self._admit()
+                except Exception:  # as below: answer everyone rather than stop
+                    log.exception("batcher intake failed")
+                    self._fail_pool("internal error in the batcher")
+                    self._fail_jobs(jobs, "internal error in the batcher")
             if not len(self._pool):
                 if self._inbox:
                     continue
@@ -727,6 +735,20 @@ class Batcher:
                 job.remaining = 0
                 job.future.set_result(job)
         self._intakes.clear()
+
+    @staticmethod
+    def _fail_jobs(jobs: list[Job], message: str) -> None:
+        """Answer every event of jobs that an intake failed on (and left unresolved) INTERNAL."""
+        for job in jobs:
+            if job.future.done():
+                continue
+            job.steps = np.zeros(job.n, np.uint64)
+            job.outputs = np.zeros((job.n, 0), np.float32)
+            job.codes = np.full(job.n, Code.INTERNAL, np.int32)
+            job.duplicates = np.zeros(job.n, np.bool_)
+            job.states = None
+            job.errors = dict.fromkeys(range(job.n), message)
+            job.future.set_result(job)
 
     # -- session operations (between runs) -------------------------------------------
 

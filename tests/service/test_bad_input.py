@@ -83,6 +83,18 @@ async def test_bad_event_is_refused_and_changes_nothing(
     assert (await stub.GetModelInfo(pb.ModelInfoRequest())).live_sessions == 3
 
 
+@pytest.mark.parametrize("columnar", [False, True])
+async def test_a_request_of_only_bad_events_for_new_ids(
+    stub: pb_grpc.LstmStreamStub, columnar: bool
+) -> None:
+    """Found by fuzzing: this once stopped the batcher, and every later call hung."""
+    nan = np.full(32, np.nan, np.float32)
+    got = answers(await stub.Step(request([Ev("new-1", nan), Ev("new-2", nan)], columnar)))
+    assert [a.code for a in got] == [INVALID, INVALID]
+    got = answers(await stub.Step(request([Ev("new-1", GOOD)], columnar)), 64)
+    assert got[0].code == 0 and got[0].step == 1
+
+
 def malformed_batches() -> dict[str, tuple[pb.StepRequest, str]]:
     good = request([Ev("victim", GOOD), Ev("bystander", GOOD)], columnar=True)
     cases = {}
