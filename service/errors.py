@@ -28,6 +28,10 @@ class ServiceError(Exception):
         self.message = message
 
 
+class ClientGone(Exception):
+    """The call ended from the client's side (cancelled, disconnected) while we answered."""
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status a client sees for an exception; never a traceback."""
     if isinstance(exc, ServiceError):
@@ -66,6 +70,9 @@ def rpc(method: str) -> Callable[[F], F]:
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
+                if isinstance(exc, ClientGone) or context.cancelled():
+                    self.metrics.rpcs.labels(method, "CANCELLED").inc()
+                    return None  # nobody to answer; not a server error
                 await fail(self.metrics, context, exc)
             except BaseException:
                 self.metrics.rpcs.labels(method, "CANCELLED").inc()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -122,6 +123,12 @@ class Metrics:
             "lstm_evictions", "Sessions evicted, by reason.", ["reason"], registry=r
         )
         self.active_streams = Gauge("lstm_active_streams", "Open StreamSteps calls.", registry=r)
+        self.loop_tasks = Gauge(
+            "lstm_event_loop_tasks",
+            "Unfinished asyncio tasks on the server's event loop (a leak shows here).",
+            registry=r,
+        )
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, RSS, open fds
         self.store_up = Gauge(
             "lstm_store_up",
             "1 while the state store takes writes (always 1 for memory), 0 while it fails.",
@@ -160,3 +167,7 @@ class Metrics:
 
     def track_live_sessions(self, count: Callable[[], int]) -> None:
         self.live_sessions.set_function(count)
+
+    def track_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        # all_tasks is safe to call from the scrape thread: it copies the set, retrying.
+        self.loop_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))

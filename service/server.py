@@ -133,6 +133,7 @@ class Server:
         self.batcher.start()
         self._servicer.attach(self.batcher)
         self.metrics.track_live_sessions(lambda: len(table))
+        self.metrics.track_loop(loop)
         self.metrics.model_info.labels(
             spec.fingerprint[:16],
             self.runtime.provider,

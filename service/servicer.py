@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
 from service.batcher import Batcher, BatcherClosed, EventBlock, Job
-from service.errors import ServiceError, rpc, status_of
+from service.errors import ClientGone, ServiceError, rpc, status_of
 from service.metrics import Metrics
 from service.runtime import ModelSpec
 from service.sessions import SessionSnapshot, session_id_error
@@ -103,9 +103,9 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
                 item = await queue.get()
                 if isinstance(item, _Begun):
                     await item.job.future
-                    await context.write(self._response(item))
+                    await _send(context, self._response(item))
                 elif isinstance(item, pb.StepResponse):
-                    await context.write(item)
+                    await _send(context, item)
                 elif item is _END:
                     return
                 elif item is _DRAIN:
@@ -362,6 +362,14 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
             live_sessions=len(batcher.table),
             max_sessions=self.settings.max_sessions,
         )
+
+
+async def _send(context: grpc.aio.ServicerContext, response: pb.StepResponse) -> None:
+    """Write one response; a write fails only once the call is over from the client's side."""
+    try:
+        await context.write(response)
+    except Exception as exc:
+        raise ClientGone() from exc
 
 
 def _timestamp(seconds: float) -> Timestamp:
