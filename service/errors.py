@@ -32,6 +32,22 @@ class ClientGone(Exception):
     """The call ended from the client's side (cancelled, disconnected) while we answered."""
 
 
+class Undecodable:
+    """A message that did not parse; its handler answers INVALID_ARGUMENT.
+
+    Parsing happens in gRPC before a handler runs; a parser that raised would be
+    logged by gRPC as an unexpected error, with a traceback, for every hostile message.
+    """
+
+    def __init__(self, type_name: str):
+        self.type_name = type_name
+
+    def error(self) -> ServiceError:
+        return ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"the message is not a valid {self.type_name}"
+        )
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status a client sees for an exception; never a traceback."""
     if isinstance(exc, ServiceError):
@@ -66,6 +82,8 @@ def rpc(method: str) -> Callable[[F], F]:
             start = time.perf_counter()
             self.last_call_at = time.monotonic()
             try:
+                if isinstance(request, Undecodable):
+                    raise request.error()
                 response = await handler(self, request, context)
             except grpc.aio.AbortError:
                 raise

@@ -20,12 +20,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
 from service import logs
 from service.batcher import Batcher
 from service.metrics import Metrics
 from service.runtime import DeviceUnavailableError, ModelContractError, Runtime, load_model_bytes
-from service.servicer import SERVICE_NAME, LstmStreamServicer
+from service.servicer import SERVICE_NAME, LstmStreamServicer, add_to_server
 from service.sessions import SessionTable
 from service.settings import Settings
 from service.store import StateStore, StoreError, StoreLayout, StoreMismatchError, open_store
@@ -79,7 +78,7 @@ class Server:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
         self._servicer = LstmStreamServicer(s, self.metrics)
-        pb_grpc.add_LstmStreamServicer_to_server(self._servicer, self._grpc)
+        add_to_server(self._servicer, self._grpc)
         self.port = self._grpc.add_insecure_port(f"{_bracket(s.host)}:{s.port}")
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {s.host}:{s.port}")

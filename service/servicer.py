@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import onnxruntime
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
 from service.batcher import Batcher, BatcherClosed, EventBlock, Job
-from service.errors import ClientGone, ServiceError, rpc, status_of
+from service.errors import ClientGone, ServiceError, Undecodable, rpc, status_of
 from service.metrics import Metrics
 from service.runtime import ModelSpec
 from service.sessions import SessionSnapshot, session_id_error
@@ -145,6 +147,8 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
     def _begin(self, request: pb.StepRequest) -> _Begun:
         """Decode a request and queue its events; ServiceError for a whole-request problem."""
         batcher = self.batcher
+        if isinstance(request, Undecodable):
+            raise request.error()
         columnar = request.HasField("batch")
         if columnar and len(request.events):
             raise ServiceError(
@@ -370,6 +374,38 @@ async def _send(context: grpc.aio.ServicerContext, response: pb.StepResponse) ->
         await context.write(response)
     except Exception as exc:
         raise ClientGone() from exc
+
+
+def add_to_server(servicer: LstmStreamServicer, server: grpc.aio.Server) -> None:
+    """Register the service like the generated ``add_LstmStreamServicer_to_server``,
+    with parsers that turn undecodable messages into ``Undecodable``."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["LstmStream"].methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        kind = (
+            grpc.stream_stream_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=_parser(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+def _parser(message_type: type[Message]) -> Callable[[bytes], object]:
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> object:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return Undecodable(name)
+
+    return parse
 
 
 def _timestamp(seconds: float) -> Timestamp:

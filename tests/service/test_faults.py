@@ -36,6 +36,7 @@ VALID = [f"valid-{i}" for i in range(8)]
 """Sessions fed good events during the fuzzing; fuzzed events reach them only with a NaN."""
 OK, INVALID_ARGUMENT = 0, grpc.StatusCode.INVALID_ARGUMENT.value[0]
 STEP = "/lstm_stream.v1.LstmStream/Step"
+STREAM = "/lstm_stream.v1.LstmStream/StreamSteps"
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +226,16 @@ def test_garbage_on_the_port_harms_nothing(target: procs.Target) -> None:
         for _ in range(20):  # bytes that are no StepRequest
             with pytest.raises(grpc.RpcError) as info:
                 raw(b"\xff" + rng.bytes(int(rng.integers(1, 300))), timeout=5)
-            assert info.value.code() != grpc.StatusCode.UNAVAILABLE
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details() == "the message is not a valid lstm_stream.v1.StepRequest"
+        # On a stream, such a message is answered with a code and the stream goes on.
+        streamed = channel.stream_stream(
+            STREAM, request_serializer=None, response_deserializer=pb.StepResponse.FromString
+        )
+        good = request([Ev("streamed", events(rng, 1)[0])]).SerializeToString()
+        replies = list(streamed(iter([b"\xff\xff\xff", good]), timeout=5))
+        assert replies[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert answers(replies[1])[0].code == OK
         with pytest.raises(grpc.RpcError) as info:  # over --max-message-bytes
             raw(pb.EventBatch(values=bytes(100_000)).SerializeToString(), timeout=5)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
