@@ -9,6 +9,7 @@ import json
 import multiprocessing as mp
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,8 @@ SWEEP_STREAMS = (1, 4, 16, 64)
 
 
 KINDS = ("echo", "echo-pipelined", "server")
+STORED = "server-sqlite"
+STORE_SCENARIO = "columnar-16x16"
 
 
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
@@ -228,6 +231,11 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         kind: procs.start(kind, server_cpus, args.server_arg if kind == "server" else None)
         for kind in KINDS
     }
+    # The same server writing every run through to SQLite: what durability costs.
+    store_dir = tempfile.TemporaryDirectory(prefix="lstm-bench-")
+    store_args = [f"--state-store=sqlite://{store_dir.name}/state.db", "--store-sync=normal"]
+    started[STORED] = procs.start("server", server_cpus, [*args.server_arg, *store_args])
+    started[STORED].kind = STORED
 
     def run(kind: str, scenario: str, shape: Shape, label: str, rep: int = 0) -> dict[str, Any]:
         figures = measure(started[kind], shape, label, args.client_procs, client_cpus)
@@ -243,6 +251,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     label = f"{kind} {name} #{rep + 1}"
                     run(kind, name, dataclasses.replace(shape, **timing), label, rep)
+            shape = dataclasses.replace(SCENARIOS[STORE_SCENARIO], **timing)
+            run(STORED, STORE_SCENARIO, shape, f"{STORED} {STORE_SCENARIO} #{rep + 1}", rep)
         for kind in ("echo", "server"):
             for form in ("columnar", "events"):
                 for streams in args.sweep:
@@ -268,6 +278,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for target in started.values():
             target.stop()
+        store_dir.cleanup()
     memory = memory_scenario(args.memory_sessions, server_cpus, client_cpus)
     return {
         "machine": {
@@ -356,6 +367,19 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "holds": mem["sessions_per_s"] >= 100_000,
         }
     )
+    if any(r["target"] == STORED for r in results["runs"]):
+        ratio = (
+            run(STORED, STORE_SCENARIO)["events_per_s"]
+            / run("server", STORE_SCENARIO)["events_per_s"]
+        )
+        rows.append(
+            {
+                "target": "columnar with --state-store sqlite (sync normal): events/s vs memory",
+                "goal": ">= 0.5",
+                "measured": ratio,
+                "holds": ratio >= 0.5,
+            }
+        )
     share = run("server", "columnar-16x16")["inference_share"] or 0.0
     rows.append(
         {
