@@ -351,6 +351,10 @@ async def test_sigkill_loses_no_answered_event(tmp_path: Path, moment: int) -> N
             ]
             for answer, ev in zip(answers(await stub.Step(request(resend, True))), resend):
                 assert answer.duplicate and answer.code == 0, ev.session_id
+            for s in (0, SESSIONS - 1):
+                again = await session(stub, f"s{s}")
+                assert again.step == steps[s]
+                np.testing.assert_allclose(again.hidden, hs[steps[s], s], atol=1e-5)
             # The client resumes after last_seq; the end equals an uninterrupted run.
             await drive(target.port, x, [st + 1 for st in steps], received)
             assert received == [STEPS] * SESSIONS

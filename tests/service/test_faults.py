@@ -325,6 +325,7 @@ async def test_abandoned_streams_leave_nothing_behind(target: procs.Target, tmp_
     assert target.proc is not None
     base_tasks = sample(target, "lstm_event_loop_tasks")
     base_fds = sample(target, "process_open_fds")
+    base_rss = target.rss_bytes()
     client = subprocess.Popen(
         [sys.executable, "-c", ABANDON, target.address], stdout=subprocess.PIPE, text=True
     )
@@ -340,4 +341,8 @@ async def test_abandoned_streams_leave_nothing_behind(target: procs.Target, tmp_
     assert await wait_for(lambda: sample(target, "lstm_active_streams") == 0)
     assert await wait_for(lambda: sample(target, "lstm_event_loop_tasks") <= base_tasks)
     assert await wait_for(lambda: sample(target, "process_open_fds") <= base_fds)
+    # Memory: what 1,000 streams held is reused, not kept; the allocator may keep some pages.
+    grew = target.rss_bytes() - base_rss
+    print(f"1,000 abandoned streams: server RSS {grew / 2**20:+.1f} MiB after they are gone")
+    assert grew <= 32 << 20, grew
     assert healthy(target.port)
