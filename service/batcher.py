@@ -17,7 +17,7 @@ import numpy as np
 
 from service.metrics import Metrics
 from service.runtime import Runtime
-from service.sessions import SessionSnapshot, SessionTable, session_id_error
+from service.sessions import SessionCapError, SessionSnapshot, SessionTable, session_id_error
 from service.store import StateStore, StoredRows, StoreError, StoreLayout
 
 log = logging.getLogger(__name__)
@@ -196,8 +196,11 @@ class Batcher:
         store: StateStore | None = None,
         layout: StoreLayout | None = None,
         on_store_health: Callable[[bool], None] | None = None,
+        max_sessions_per_tenant: int = 0,
     ):
         self.runtime = runtime
+        self.max_sessions_per_tenant = max_sessions_per_tenant
+        """With tenants (``table.tenant_sep``), each holds at most this many (0 = no cap)."""
         self.store = store
         """Where sessions are written through to; None keeps them in memory only."""
         self.layout = layout
@@ -392,6 +395,8 @@ class Batcher:
         distinct = self._valid_ids(distinct, refused)
         if refused:
             distinct = [sid for sid in distinct if sid not in refused]
+        if self.max_sessions_per_tenant and distinct:
+            distinct = self._tenant_room(distinct, refused)
         room = table.room()
         if len(distinct) > room:  # the earliest new sessions fit; the rest are refused
             full = (
@@ -418,6 +423,31 @@ class Batcher:
             else:
                 slots[i] = index[sid]
         return True
+
+    def _tenant_room(self, distinct: list[str], refused: dict[str, tuple[Code, str]]) -> list[str]:
+        """``distinct`` without the new ids over their tenant's cap (added to ``refused``)."""
+        table = self.table
+        cap = self.max_sessions_per_tenant
+        full = (Code.RESOURCE_EXHAUSTED, f"this tenant holds its maximum of {cap} sessions")
+        room: dict[str, int] = {}
+        kept = []
+        for sid in distinct:
+            tenant = table.tenant_of(sid)
+            left = room.get(tenant)
+            if left is None:
+                left = cap - table.tenant_live[tenant]
+            if left > 0:
+                kept.append(sid)
+            else:
+                refused[sid] = full
+            room[tenant] = left - 1
+        return kept
+
+    def check_tenant_room(self, session_id: str) -> None:
+        """SessionCapError if a new session for this id would pass its tenant's cap."""
+        cap = self.max_sessions_per_tenant
+        if cap and self.table.tenant_live[self.table.tenant_of(session_id)] >= cap:
+            raise SessionCapError(f"this tenant holds its maximum of {cap} sessions")
 
     @staticmethod
     def _new_ids(
@@ -773,6 +803,7 @@ class Batcher:
             now = time.time()
             if self.store is None:
                 if slot is None:
+                    self.check_tenant_room(session_id)
                     slot = table.create(session_id, now)
                 table.write(slot, step, last_seq, states, now)
                 return table.snapshot(slot)

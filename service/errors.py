@@ -64,9 +64,10 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 def rpc(method: str) -> Callable[[F], F]:
     """Wrap a servicer coroutine: map exceptions to status, count and time the call.
 
-    The servicer provides ``self.metrics`` and ``self.last_call_at`` (set here, so a
-    draining server can tell when calls have stopped arriving). Handlers raise; only
-    this wrapper aborts.
+    The servicer provides ``self.metrics``, ``self.auth`` (an ``Authenticator``) and
+    ``self.last_call_at`` (set here, so a draining server can tell when calls have
+    stopped arriving). The handler gets the caller's session-id namespace as a
+    fourth argument. Handlers raise; only this wrapper aborts.
     """
 
     async def fail(metrics: Metrics, context: grpc.aio.ServicerContext, exc: Exception) -> None:
@@ -82,9 +83,10 @@ def rpc(method: str) -> Callable[[F], F]:
             start = time.perf_counter()
             self.last_call_at = time.monotonic()
             try:
+                namespace = self.auth.namespace(context)  # UNAUTHENTICATED before anything else
                 if isinstance(request, Undecodable):
                     raise request.error()
-                response = await handler(self, request, context)
+                response = await handler(self, request, context, namespace)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:

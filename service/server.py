@@ -24,6 +24,7 @@ from service import logs
 from service.batcher import Batcher
 from service.metrics import Metrics
 from service.runtime import DeviceUnavailableError, ModelContractError, Runtime, load_model_bytes
+from service.security import TENANT_SEP, Authenticator, SecurityConfigError, TlsFiles, TokenFile
 from service.servicer import SERVICE_NAME, LstmStreamServicer, add_to_server
 from service.sessions import SessionTable
 from service.settings import Settings
@@ -53,6 +54,8 @@ class Server:
         self._servicer: LstmStreamServicer | None = None
         self._metrics_http: tuple[WSGIServer, Thread] | None = None
         self.store: StateStore | None = None
+        self.tls: TlsFiles | None = None
+        self.auth = Authenticator(None, False)
         self._ttl_tasks: list[asyncio.Task[None]] = []
         self._health_tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
@@ -77,9 +80,16 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
-        self._servicer = LstmStreamServicer(s, self.metrics)
+        tokens = TokenFile(s.auth_tokens) if s.auth_tokens else None
+        self.auth = Authenticator(tokens, s.tenant_from_cert)
+        self._servicer = LstmStreamServicer(s, self.metrics, self.auth)
         add_to_server(self._servicer, self._grpc)
-        self.port = self._grpc.add_insecure_port(f"{_bracket(s.host)}:{s.port}")
+        address = f"{_bracket(s.host)}:{s.port}"
+        if s.tls_cert:
+            self.tls = TlsFiles(s.tls_cert, s.tls_key, s.tls_client_ca or None)
+            self.port = self._grpc.add_secure_port(address, self.tls.credentials())
+        else:
+            self.port = self._grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {s.host}:{s.port}")
         httpd, thread = start_http_server(
@@ -117,6 +127,7 @@ class Server:
             s.max_sessions,
             s.initial_capacity,
             output_alias=spec.output_alias,
+            tenant_sep=TENANT_SEP if self.auth.enabled else None,
         )
         self.batcher = Batcher(
             self.runtime,
@@ -128,6 +139,7 @@ class Server:
             store=self.store,
             layout=layout,
             on_store_health=self._store_health,
+            max_sessions_per_tenant=s.max_sessions_per_tenant if self.auth.enabled else 0,
         )
         self.batcher.start()
         self._servicer.attach(self.batcher)
@@ -206,6 +218,13 @@ class Server:
                 return
             await asyncio.sleep(min(DRAIN_QUIET_S - idle, deadline - now))
 
+    def reload(self) -> None:
+        """SIGHUP: re-read the TLS files and the token file; live streams go on."""
+        log.info("reloading TLS and token files")
+        if self.tls is not None:
+            self.tls.reload()
+        self.auth.reload()
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
@@ -245,9 +264,11 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     try:
         await server.start()
     except (
+        SecurityConfigError,
         ModelContractError,
         DeviceUnavailableError,
         OSError,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -14,11 +14,11 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lstm_stream.v1 import lstm_stream_pb2 as pb
-from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
 from service.batcher import Batcher, BatcherClosed, EventBlock, Job
 from service.errors import ClientGone, ServiceError, Undecodable, rpc, status_of
 from service.metrics import Metrics
 from service.runtime import ModelSpec
+from service.security import Authenticator
 from service.sessions import SessionSnapshot, session_id_error
 from service.settings import Settings
 
@@ -37,16 +37,19 @@ class _Begun:
     columnar: bool
     block: EventBlock
     job: Job
+    ids: Sequence[str]
+    """The session ids as the client sent them (the block's carry the tenant's namespace)."""
 
 
-class LstmStreamServicer(pb_grpc.LstmStreamServicer):
+class LstmStreamServicer:
     spec: ModelSpec
 
     """Registered before the model loads; answers UNAVAILABLE until ``attach`` is called."""
 
-    def __init__(self, settings: Settings, metrics: Metrics):
+    def __init__(self, settings: Settings, metrics: Metrics, auth: Authenticator | None = None):
         self.settings = settings
         self.metrics = metrics
+        self.auth = auth if auth is not None else Authenticator(None, False)
         self._batcher: Batcher | None = None
         self._streams: set[asyncio.Queue[object]] = set()
         self._draining = False
@@ -80,14 +83,16 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
 
     @rpc("Step")
     async def Step(
-        self, request: pb.StepRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StepRequest, context: grpc.aio.ServicerContext, ns: str
     ) -> pb.StepResponse:
-        begun = self._begin(request)  # refused by the batcher once it drains
+        begun = self._begin(request, ns)  # refused by the batcher once it drains
         await begun.job.future
         return self._response(begun)
 
     @rpc("StreamSteps")
-    async def StreamSteps(self, requests: object, context: grpc.aio.ServicerContext) -> None:
+    async def StreamSteps(
+        self, requests: object, context: grpc.aio.ServicerContext, ns: str
+    ) -> None:
         """A reader task queues requests; this coroutine writes their responses in order.
 
         Written with ``context.read``/``context.write`` rather than an async
@@ -97,7 +102,7 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
             raise BatcherClosed()
         queue: asyncio.Queue[object] = asyncio.Queue()
         window = asyncio.Semaphore(self.settings.max_inflight)
-        reader = asyncio.get_running_loop().create_task(self._read(context, queue, window))
+        reader = asyncio.get_running_loop().create_task(self._read(context, queue, window, ns))
         self._streams.add(queue)
         self.metrics.active_streams.inc()
         try:
@@ -125,6 +130,7 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
         context: grpc.aio.ServicerContext,
         queue: asyncio.Queue[object],
         window: asyncio.Semaphore,
+        ns: str,
     ) -> None:
         """Read ahead at most ``max_inflight`` requests; past that the client feels flow control."""
         try:
@@ -135,7 +141,7 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
                     queue.put_nowait(_END)
                     return
                 try:
-                    queue.put_nowait(self._begin(request))
+                    queue.put_nowait(self._begin(request, ns))
                 except Exception as exc:  # a request rejected whole; the stream goes on
                     code, message = status_of(exc)
                     if code is grpc.StatusCode.INTERNAL:
@@ -144,8 +150,11 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
         except Exception as exc:
             queue.put_nowait(exc)
 
-    def _begin(self, request: pb.StepRequest) -> _Begun:
-        """Decode a request and queue its events; ServiceError for a whole-request problem."""
+    def _begin(self, request: pb.StepRequest, ns: str = "") -> _Begun:
+        """Decode a request and queue its events; ServiceError for a whole-request problem.
+
+        ``ns`` (the tenant's namespace) prefixes every session id the batcher sees.
+        """
         batcher = self.batcher
         if isinstance(request, Undecodable):
             raise request.error()
@@ -156,8 +165,25 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
                 "a StepRequest carries either events or batch, not both",
             )
         block = self._decode_batch(request.batch) if columnar else self._decode_events(request)
+        ids = block.session_ids
+        if ns:
+            self._namespace(block, ns)
         job = batcher.submit(block, include_state=request.include_state and not columnar)
-        return _Begun(columnar, block, job)
+        return _Begun(columnar, block, job, ids)
+
+    def _namespace(self, block: EventBlock, ns: str) -> None:
+        """Prefix the block's ids with ``ns``; ids refused as sent are marked bad here."""
+        ids = block.session_ids
+        lengths = list(map(len, ids))
+        limit = self.settings.max_session_id_bytes
+        if lengths and (min(lengths) == 0 or 4 * max(lengths) > limit):
+            bad = block.bad if block.bad is not None else {}
+            for i, sid in enumerate(ids):
+                problem = session_id_error(sid, limit)
+                if problem is not None and i not in bad:
+                    bad[i] = problem
+            block.bad = bad or None
+        block.session_ids = [ns + sid for sid in ids]
 
     def _check_count(self, n: int) -> None:
         limit = self.settings.max_events_per_request
@@ -233,7 +259,7 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
                 )
             )
         block = begun.block
-        ids = block.session_ids
+        ids = begun.ids
         seqs = block.seqs.tolist() if block.seqs is not None else [0] * job.n
         steps, dups, outputs = job.steps.tolist(), job.duplicates.tolist(), job.outputs.tolist()
         response = pb.StepResponse()
@@ -265,9 +291,9 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
 
     # -- session RPCs ------------------------------------------------------------------
 
-    def _session(self, snap: SessionSnapshot) -> pb.Session:
+    def _session(self, snap: SessionSnapshot, ns: str) -> pb.Session:
         message = pb.Session(
-            session_id=snap.session_id,
+            session_id=snap.session_id[len(ns) :],
             step=snap.step,
             last_seq=snap.last_seq,
             output=snap.output.tolist(),
@@ -291,17 +317,17 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
 
     @rpc("GetSession")
     async def GetSession(
-        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext, ns: str
     ) -> pb.Session:
         self._known_id(request.session_id)
-        snap = await self.batcher.get(request.session_id)
+        snap = await self.batcher.get(ns + request.session_id)
         if snap is None:
             raise self._not_found(request.session_id)
-        return self._session(snap)
+        return self._session(snap, ns)
 
     @rpc("PutSession")
     async def PutSession(
-        self, request: pb.Session, context: grpc.aio.ServicerContext
+        self, request: pb.Session, context: grpc.aio.ServicerContext, ns: str
     ) -> pb.Session:
         self._known_id(request.session_id)
         batcher = self.batcher
@@ -322,33 +348,33 @@ class LstmStreamServicer(pb_grpc.LstmStreamServicer):
             states[i] = array
         if self._draining:
             raise BatcherClosed()
-        snap = await batcher.put(request.session_id, request.step, request.last_seq, states)
-        return self._session(snap)
+        snap = await batcher.put(ns + request.session_id, request.step, request.last_seq, states)
+        return self._session(snap, ns)
 
     @rpc("ResetSession")
     async def ResetSession(
-        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext, ns: str
     ) -> pb.Session:
         self._known_id(request.session_id)
-        snap = await self.batcher.reset(request.session_id)
+        snap = await self.batcher.reset(ns + request.session_id)
         if snap is None:
             raise self._not_found(request.session_id)
-        return self._session(snap)
+        return self._session(snap, ns)
 
     @rpc("DeleteSession")
     async def DeleteSession(
-        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext, ns: str
     ) -> pb.Session:
         self._known_id(request.session_id)
-        snap = await self.batcher.delete(request.session_id)
+        snap = await self.batcher.delete(ns + request.session_id)
         if snap is None:
             raise self._not_found(request.session_id)
         self.metrics.evictions.labels("deleted").inc()
-        return self._session(snap)
+        return self._session(snap, ns)
 
     @rpc("GetModelInfo")
     async def GetModelInfo(
-        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext, ns: str
     ) -> pb.ModelInfo:
         batcher = self.batcher
         spec = self.spec

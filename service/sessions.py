@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -56,12 +57,16 @@ class SessionTable:
         max_sessions: int,
         initial_capacity: int = 1024,
         output_alias: int | None = None,
+        tenant_sep: str | None = None,
     ):
         self.state_sizes = tuple(state_sizes)
         self.output_size = output_size
         self.output_alias = output_alias
         """When the model's output *is* state ``k`` (plain LSTM: hidden), no copy is kept."""
         self.max_sessions = max_sessions
+        self.tenant_sep = tenant_sep
+        """With tenants, ids are ``TENANT + sep + id``; live sessions are counted per tenant."""
+        self.tenant_live: Counter[str] = Counter()
         self.index: dict[str, int] = {}
         self.ids = np.empty(0, object)
         """Each row's session id (None for a free row)."""
@@ -128,7 +133,13 @@ class SessionTable:
         column[:] = session_ids
         self.ids[slots] = column
         self.index.update(zip(session_ids, slots.tolist()))
+        if self.tenant_sep is not None:
+            self.tenant_live.update(map(self.tenant_of, session_ids))
         return slots
+
+    def tenant_of(self, session_id: str) -> str:
+        assert self.tenant_sep is not None
+        return session_id.partition(self.tenant_sep)[0]
 
     def restore(self, slots: np.ndarray, rows: StoredRows, layout: StoreLayout) -> int:
         """Fill rows from stored sessions (``slots[i]`` gets ``rows`` entry i; -1 skips it).
@@ -196,6 +207,8 @@ class SessionTable:
     def remove(self, session_id: str) -> SessionSnapshot:
         """Drop a session; its row is freed now, or when its pending events are done."""
         slot = self.index.pop(session_id)
+        if self.tenant_sep is not None:
+            self.tenant_live[self.tenant_of(session_id)] -= 1
         snap = self.snapshot(slot)
         if self.pending[slot]:
             self.doomed[slot] = True

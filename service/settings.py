@@ -23,7 +23,8 @@ class Settings:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC port"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
     metrics_host: str = field(
-        default="", metadata={"help": "address for /metrics (default: same as --host)"}
+        default="",
+        metadata={"help": "address for /metrics (default: 127.0.0.1 when auth is on, else --host)"},
     )
     metrics_port: int = field(
         default=9464, metadata={"help": "Prometheus /metrics port (0 picks a free one)"}
@@ -92,6 +93,30 @@ class Settings:
             "for another model)"
         },
     )
+    tls_cert: str = field(
+        default="", metadata={"help": "PEM certificate (chain) for TLS on the gRPC port"}
+    )
+    tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: str = field(
+        default="",
+        metadata={"help": "PEM CA(s): require client certificates signed by it (mutual TLS)"},
+    )
+    auth_tokens: str = field(
+        default="",
+        metadata={
+            "help": "file of 'TOKEN TENANT' lines; calls then need 'authorization: Bearer TOKEN'"
+        },
+    )
+    tenant_from_cert: bool = field(
+        default=False,
+        metadata={
+            "help": "with --tls-client-ca: a call without a token belongs to the tenant named "
+            "by its client certificate's common name"
+        },
+    )
+    max_sessions_per_tenant: int = field(
+        default=0, metadata={"help": "with auth: live sessions one tenant may hold (0 = no cap)"}
+    )
     grace: float = field(
         default=10.0, metadata={"help": "seconds to finish in-flight work on SIGTERM"}
     )
@@ -119,6 +144,13 @@ class Settings:
             (self.store_sync in ("normal", "full"), "--store-sync must be normal or full"),
             (self.store_ttl >= 0, "--store-ttl must be >= 0"),
             (self.store_timeout >= 0, "--store-timeout must be >= 0"),
+            (bool(self.tls_cert) == bool(self.tls_key), "--tls-cert and --tls-key go together"),
+            (not self.tls_client_ca or self.tls_cert, "--tls-client-ca needs --tls-cert"),
+            (
+                not self.tenant_from_cert or self.tls_client_ca,
+                "--tenant-from-cert needs --tls-client-ca",
+            ),
+            (self.max_sessions_per_tenant >= 0, "--max-sessions-per-tenant must be >= 0"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
             (self.log_format in ("json", "text"), "--log-format must be json or text"),
         ]
@@ -130,8 +162,14 @@ class Settings:
             raise ValueError(problem)
 
     @property
+    def auth_enabled(self) -> bool:
+        return bool(self.auth_tokens) or self.tenant_from_cert
+
+    @property
     def metrics_bind_host(self) -> str:
-        return self.metrics_host or self.host
+        if self.metrics_host:
+            return self.metrics_host
+        return "127.0.0.1" if self.auth_enabled else self.host
 
     @classmethod
     def from_args(

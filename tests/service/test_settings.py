@@ -31,10 +31,24 @@ def test_every_field_has_a_flag_and_a_variable() -> None:
         "store_sync": "full",
         "store_reset": "yes",
     }
+    tls = {"tls_cert": "c.pem", "tls_key": "k.pem", "tls_client_ca": "ca.pem"}
+    needs = {  # fields that only make sense with others
+        "tls_cert": tls,
+        "tls_key": tls,
+        "tls_client_ca": tls,
+        "tenant_from_cert": tls,
+    }
+    special["tenant_from_cert"] = "yes"
     for f in dataclasses.fields(Settings):
         text = special.get(f.name, "2048")
-        from_env = Settings.from_args([], env={"LSTM_" + f.name.upper(): text})
-        from_flag = Settings.from_args(["--" + f.name.replace("_", "-"), text], env={})
+        with_ = [
+            arg
+            for name, value in needs.get(f.name, {}).items()
+            if name != f.name
+            for arg in ("--" + name.replace("_", "-"), value)
+        ]
+        from_env = Settings.from_args(with_, env={"LSTM_" + f.name.upper(): text})
+        from_flag = Settings.from_args([*with_, "--" + f.name.replace("_", "-"), text], env={})
         assert getattr(from_env, f.name) == getattr(from_flag, f.name), f.name
         value = getattr(from_flag, f.name)
         assert value is True if text == "yes" else str(value) in (text, text + ".0"), f.name
