@@ -8,7 +8,7 @@ METRICS_PORT ?= 9464
 
 .DEFAULT_GOAL := help
 
-.PHONY: help venv test test-gpu lint format proto run bench bench-export clean
+.PHONY: help venv test tools test-gpu lint format proto run bench bench-export clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create .venv with the package and dev tools
 
-test: $(STAMP) ## run the test suite (unit, property and end-to-end)
+test: $(STAMP) tools ## run the test suite (unit, property and end-to-end)
 	$(BIN)/python -m pytest -q
+
+tools: ## system programs the tests run (openssl for test certificates); apt-get if missing
+	@command -v openssl >/dev/null 2>&1 || { \
+		echo "installing openssl (the TLS tests make certificates with it)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl; }
 
 GPU_VENV ?= .venv-gpu
 test-gpu: ## the end-to-end tests with --device cuda (own venv with onnxruntime-gpu); skips without a GPU

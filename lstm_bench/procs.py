@@ -64,24 +64,38 @@ class Target:
         return self.proc.wait()
 
 
+def server_command() -> list[str]:
+    """``lstm-serve`` as this tool starts it: free ports, CPU, warnings only, no TTL."""
+    return [
+        sys.executable,
+        "-m",
+        "service",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--device",
+        "cpu",
+        "--log-level",
+        "WARNING",
+        "--session-ttl",
+        "0",
+    ]
+
+
+def parse_ports(line: str) -> tuple[int, int | None]:
+    """The gRPC and metrics ports from the line a server prints when it listens."""
+    port = re.search(r"gRPC on [^,\s]+:(\d+)", line)
+    if port is None:
+        raise RuntimeError(f"not a start line: {line!r}")
+    metrics = re.search(r"metrics on http://[^:]+:(\d+)/", line)
+    return int(port.group(1)), int(metrics.group(1)) if metrics else None
+
+
 def start(kind: str, cpus: set[int] | None, extra: list[str] | None = None) -> Target:
     """Start the server (embedded default model) or the echo baseline on free ports."""
     if kind == "server":
-        cmd = [
-            sys.executable,
-            "-m",
-            "service",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--device",
-            "cpu",
-            "--log-level",
-            "WARNING",
-            "--session-ttl",
-            "0",
-        ]
+        cmd = server_command()
     else:
         cmd = [sys.executable, "-m", "lstm_bench.echo", "--port", "0"]
         if kind == "echo-pipelined":
@@ -96,6 +110,5 @@ def start(kind: str, cpus: set[int] | None, extra: list[str] | None = None) -> T
         os.sched_setaffinity(proc.pid, cpus)
         for tid in os.listdir(f"/proc/{proc.pid}/task"):  # threads started before the pin
             os.sched_setaffinity(int(tid), cpus)
-    port = int(re.search(r"gRPC on [^,\s]+:(\d+)", line).group(1))  # type: ignore[union-attr]
-    metrics = re.search(r"metrics on http://[^:]+:(\d+)/", line)
-    return Target(kind, proc, port, int(metrics.group(1)) if metrics else None)
+    port, metrics = parse_ports(line)
+    return Target(kind, proc, port, metrics)

@@ -389,7 +389,8 @@ class LstmStreamServicer:
             source=spec.source,
             state_names=list(spec.state_names),
             onnxruntime_version=onnxruntime.__version__,
-            live_sessions=len(batcher.table),
+            # With tenants, a tenant sees its own count only.
+            live_sessions=batcher.table.tenant_live[ns[:-1]] if ns else len(batcher.table),
             max_sessions=self.settings.max_sessions,
         )
 
