@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -330,3 +332,28 @@ async def test_logs_hold_no_token_and_no_event_value(tmp_path: Path, tokens: Pat
     assert "serving on" in text  # the capture did catch the server's log
     for secret in (ALPHA, BRAVO, ALPHA[:-1], "0.7436", "0.74362"):
         assert secret not in text, secret
+
+
+async def test_the_readme_tls_example_runs(start_server: ServerFactory, tmp_path: Path) -> None:
+    """The README's ``python tls`` block, as written, against a TLS server with its token."""
+    readme = (ROOT / "README.md").read_text()
+    [block] = re.findall(r"```python tls\n(.*?)```", readme, re.S)
+    [tokens] = re.findall(r"```text\n(\w{32}  tenant-a\n.*?)```", readme, re.S)
+    subprocess.run(["sh", str(MAKE_CERTS), str(tmp_path / "certs")], check=True)
+    (tmp_path / "tokens.txt").write_text(tokens)
+    server = await start_server(
+        tls_cert=str(tmp_path / "certs" / "server.pem"),
+        tls_key=str(tmp_path / "certs" / "server.key"),
+        auth_tokens=str(tmp_path / "tokens.txt"),
+    )
+    code = block.replace("localhost:50051", f"localhost:{server.port}")
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "tls step 1"
