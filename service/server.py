@@ -24,7 +24,14 @@ from service import logs
 from service.batcher import Batcher
 from service.metrics import Metrics
 from service.runtime import DeviceUnavailableError, ModelContractError, Runtime, load_model_bytes
-from service.security import TENANT_SEP, Authenticator, SecurityConfigError, TlsFiles, TokenFile
+from service.security import (
+    MAX_TENANT_BYTES,
+    TENANT_SEP,
+    Authenticator,
+    SecurityConfigError,
+    TlsFiles,
+    TokenFile,
+)
 from service.servicer import SERVICE_NAME, LstmStreamServicer, add_to_server
 from service.sessions import SessionTable
 from service.settings import Settings
@@ -134,7 +141,8 @@ class Server:
             table,
             self.metrics,
             s.max_batch,
-            s.max_session_id_bytes,
+            # With tenants the servicer checks ids as sent; the batcher sees them prefixed.
+            s.max_session_id_bytes + (MAX_TENANT_BYTES + 1 if self.auth.enabled else 0),
             s.inline_batch,
             store=self.store,
             layout=layout,

@@ -357,3 +357,18 @@ async def test_the_readme_tls_example_runs(start_server: ServerFactory, tmp_path
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "tls step 1"
+
+
+async def test_session_id_limits_apply_to_the_id_as_sent(
+    start_server: ServerFactory, tokens: Path
+) -> None:
+    server = await start_server(auth_tokens=str(tokens))
+    x = np.zeros(32, np.float32)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.LstmStreamStub(channel)
+        for columnar in (False, True):
+            plan = [Ev("a" * 128, x), Ev("b" * 129, x), Ev("", x)]
+            got = answers(await stub.Step(request(plan, columnar), metadata=bearer(ALPHA)))
+            assert [a.code for a in got] == [0, 3, 3]
+            assert got[1].error == "session_id is 129 bytes long; the limit is 128"
+            assert got[2].error == "session_id is empty"
