@@ -61,7 +61,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
 
 
-def rpc(method: str) -> Callable[[F], F]:
+def rpc(method: str, api: str = "native") -> Callable[[F], F]:
     """Wrap a servicer coroutine: map exceptions to status, count and time the call.
 
     The servicer provides ``self.metrics``, ``self.auth`` (an ``Authenticator``) and
@@ -74,7 +74,7 @@ def rpc(method: str) -> Callable[[F], F]:
         code, message = status_of(exc)
         if code is grpc.StatusCode.INTERNAL:
             log.error("%s failed", method, exc_info=exc)
-        metrics.rpcs.labels(method, code.name).inc()
+        metrics.rpcs.labels(api, method, code.name).inc()
         await context.abort(code, message)
 
     def decorate(handler: F) -> F:
@@ -91,14 +91,14 @@ def rpc(method: str) -> Callable[[F], F]:
                 raise
             except Exception as exc:
                 if isinstance(exc, ClientGone) or context.cancelled():
-                    self.metrics.rpcs.labels(method, "CANCELLED").inc()
+                    self.metrics.rpcs.labels(api, method, "CANCELLED").inc()
                     return None  # nobody to answer; not a server error
                 await fail(self.metrics, context, exc)
             except BaseException:
-                self.metrics.rpcs.labels(method, "CANCELLED").inc()
+                self.metrics.rpcs.labels(api, method, "CANCELLED").inc()
                 raise
-            self.metrics.rpc_seconds.labels(method).observe(time.perf_counter() - start)
-            self.metrics.rpcs.labels(method, "OK").inc()
+            self.metrics.rpc_seconds.labels(api, method).observe(time.perf_counter() - start)
+            self.metrics.rpcs.labels(api, method, "OK").inc()
             return response
 
         return wrapper  # type: ignore[return-value]

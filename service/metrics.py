@@ -81,14 +81,14 @@ class Metrics:
         self._event_counters = {o: self.events.labels(o) for o in OUTCOMES}
         self.rpcs = Counter(
             "lstm_rpcs",
-            "RPCs finished, by method and gRPC status code.",
-            ["method", "code"],
+            "RPCs finished, by API (native, oip), method and gRPC status code.",
+            ["api", "method", "code"],
             registry=r,
         )
         self.rpc_seconds = Histogram(
             "lstm_rpc_duration_seconds",
-            "Time to answer one call (for streams: one request).",
-            ["method"],
+            "Time to answer one call (for streams: the whole stream).",
+            ["api", "method"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

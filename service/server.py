@@ -20,9 +20,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from lstm_stream.oip.v2 import inference_pb2 as oip_pb
 from service import logs
 from service.batcher import Batcher
 from service.metrics import Metrics
+from service.oip import SERVICE_NAME as OIP_SERVICE
+from service.oip import InferenceServicer
 from service.runtime import DeviceUnavailableError, ModelContractError, Runtime, load_model_bytes
 from service.security import (
     MAX_TENANT_BYTES,
@@ -32,7 +35,7 @@ from service.security import (
     TlsFiles,
     TokenFile,
 )
-from service.servicer import SERVICE_NAME, LstmStreamServicer, add_to_server
+from service.servicer import SERVICE_NAME, LstmStreamServicer, add_to_server, register
 from service.sessions import SessionTable
 from service.settings import Settings
 from service.store import StateStore, StoreError, StoreLayout, StoreMismatchError, open_store
@@ -59,6 +62,7 @@ class Server:
         self.batcher: Batcher | None = None
         self._grpc: grpc.aio.Server | None = None
         self._servicer: LstmStreamServicer | None = None
+        self._oip: InferenceServicer | None = None
         self._metrics_http: tuple[WSGIServer, Thread] | None = None
         self.store: StateStore | None = None
         self.tls: TlsFiles | None = None
@@ -85,12 +89,14 @@ class Server:
         self._grpc = grpc.aio.server(options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+            (SERVICE_NAME, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
         tokens = TokenFile(s.auth_tokens) if s.auth_tokens else None
         self.auth = Authenticator(tokens, s.tenant_from_cert)
         self._servicer = LstmStreamServicer(s, self.metrics, self.auth)
         add_to_server(self._servicer, self._grpc)
+        self._oip = InferenceServicer(s, self.metrics, self.auth)
+        register(self._oip, self._grpc, oip_pb, "GRPCInferenceService")
         address = f"{_bracket(s.host)}:{s.port}"
         if s.tls_cert:
             self.tls = TlsFiles(s.tls_cert, s.tls_key, s.tls_client_ca or None)
@@ -151,6 +157,9 @@ class Server:
         )
         self.batcher.start()
         self._servicer.attach(self.batcher)
+        batcher = self.batcher
+        assert self._oip is not None
+        self._oip.attach(batcher, lambda: not self._stopping and batcher.store_failure is None)
         self.metrics.track_live_sessions(lambda: len(table))
         self.metrics.track_loop(loop)
         self.metrics.model_info.labels(
@@ -192,12 +201,14 @@ class Server:
             task.cancel()
         if self._servicer is not None:
             self._servicer.start_drain()
+        if self._oip is not None:
+            self._oip.start_drain()
         deadline = time.monotonic() + grace
         if self.batcher is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.batcher.drain(), grace)
         if self._servicer is not None:
-            await self._quiet(self._servicer, deadline)
+            await self._quiet([self._servicer, self._oip], deadline)
         if self._grpc is not None:
             await self._grpc.stop(max(deadline - time.monotonic(), 0.0))
         if self.batcher is not None:
@@ -213,7 +224,7 @@ class Server:
         self._stopped.set()
 
     @staticmethod
-    async def _quiet(servicer: LstmStreamServicer, deadline: float) -> None:
+    async def _quiet(servicers: Sequence[object], deadline: float) -> None:
         """Wait until no call has arrived for DRAIN_QUIET_S, counted from now (or the grace ends).
 
         Calls already queued in gRPC core when the server stops are cancelled,
@@ -221,7 +232,8 @@ class Server:
         """
         quiet_since = time.monotonic()
         while (now := time.monotonic()) < deadline:
-            idle = now - max(servicer.last_call_at, quiet_since)
+            last = max(getattr(s, "last_call_at", 0.0) for s in servicers)
+            idle = now - max(last, quiet_since)
             if idle >= DRAIN_QUIET_S:
                 return
             await asyncio.sleep(min(DRAIN_QUIET_S - idle, deadline - now))

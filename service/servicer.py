@@ -6,6 +6,7 @@ import asyncio
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import grpc
 import numpy as np
@@ -406,10 +407,16 @@ async def _send(context: grpc.aio.ServicerContext, response: pb.StepResponse) ->
 def add_to_server(servicer: LstmStreamServicer, server: grpc.aio.Server) -> None:
     """Register the service like the generated ``add_LstmStreamServicer_to_server``,
     with parsers that turn undecodable messages into ``Undecodable``."""
+    register(servicer, server, pb, "LstmStream")
+
+
+def register(servicer: object, server: grpc.aio.Server, module: ModuleType, service: str) -> None:
+    """Register ``servicer``'s methods for ``service`` of a generated ``*_pb2`` module."""
+    descriptor = module.DESCRIPTOR.services_by_name[service]
     handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["LstmStream"].methods:
-        request_type = getattr(pb, method.input_type.name)
-        response_type = getattr(pb, method.output_type.name)
+    for method in descriptor.methods:
+        request_type = getattr(module, method.input_type.name)
+        response_type = getattr(module, method.output_type.name)
         kind = (
             grpc.stream_stream_rpc_method_handler
             if method.client_streaming
@@ -420,7 +427,8 @@ def add_to_server(servicer: LstmStreamServicer, server: grpc.aio.Server) -> None
             request_deserializer=_parser(request_type),
             response_serializer=response_type.SerializeToString,
         )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    generic = grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
 
 
 def _parser(message_type: type[Message]) -> Callable[[bytes], object]:

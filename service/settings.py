@@ -20,6 +20,9 @@ class Settings:
         default=None,
         metadata={"help": "ONNX model file; empty serves the embedded default model (E=32, H=64)"},
     )
+    model_name: str = field(
+        default="lstm", metadata={"help": "the model's name in the Open Inference Protocol API"}
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC port"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
     metrics_host: str = field(
@@ -129,6 +132,7 @@ class Settings:
     def __post_init__(self) -> None:
         checks = [
             (0 <= self.port <= 65535, "--port must be 0..65535"),
+            (bool(self.model_name.strip()), "--model-name must not be empty"),
             (0 <= self.metrics_port <= 65535, "--metrics-port must be 0..65535"),
             (self.ort_threads >= 0, "--ort-threads must be >= 0 (0 = ONNX Runtime's default)"),
             (self.max_sessions >= 1, "--max-sessions must be >= 1"),

@@ -71,11 +71,11 @@ async def test_metrics_move_with_traffic(start_server: ServerFactory) -> None:
     assert value(after, "lstm_events_total", outcome="over_capacity") == 1
     assert value(after, "lstm_evictions_total", reason="deleted") == 1
     assert value(after, "lstm_evictions_total", reason="ttl") == 39
-    assert value(after, "lstm_rpcs_total", method="Step", code="OK") == 2
-    assert value(after, "lstm_rpcs_total", method="StreamSteps", code="OK") == 1
-    assert value(after, "lstm_rpcs_total", method="DeleteSession", code="OK") == 1
-    assert value(after, "lstm_rpc_duration_seconds_count", method="Step") == 2
-    assert value(after, "lstm_rpc_duration_seconds_count", method="StreamSteps") == 1
+    assert value(after, "lstm_rpcs_total", api="native", method="Step", code="OK") == 2
+    assert value(after, "lstm_rpcs_total", api="native", method="StreamSteps", code="OK") == 1
+    assert value(after, "lstm_rpcs_total", api="native", method="DeleteSession", code="OK") == 1
+    assert value(after, "lstm_rpc_duration_seconds_count", api="native", method="Step") == 2
+    assert value(after, "lstm_rpc_duration_seconds_count", api="native", method="StreamSteps") == 1
     # 42 events reached a run: 41 applied and 1 duplicate; queue wait is for applied ones.
     assert value(after, "lstm_event_latency_seconds_count") == 42
     assert value(after, "lstm_event_latency_seconds_sum") > 0
@@ -95,4 +95,4 @@ async def test_failed_rpcs_are_counted_by_code(
     with contextlib.suppress(grpc.aio.AioRpcError):
         await stub.GetSession(pb.SessionRef(session_id="nobody"))
     samples = await scrape(server)
-    assert value(samples, "lstm_rpcs_total", method="GetSession", code="NOT_FOUND") == 1
+    assert value(samples, "lstm_rpcs_total", api="native", method="GetSession", code="NOT_FOUND") == 1
