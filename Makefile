@@ -8,7 +8,7 @@ METRICS_PORT ?= 9464
 
 .DEFAULT_GOAL := help
 
-.PHONY: help venv test tools test-gpu lint format proto run bench bench-export clean
+.PHONY: help venv test tools triton-client test-gpu lint format proto run bench bench-export clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -21,7 +21,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create .venv with the package and dev tools
 
-test: $(STAMP) tools ## run the test suite (unit, property and end-to-end)
+TRITON_VENV ?= .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
+
+# Triton's client pins protobuf < 7 and lstm-stream uses 7: its own venv, driven by the tests.
+$(TRITON_STAMP):
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q 'tritonclient[grpc]==2.73.0'
+	touch $(TRITON_STAMP)
+
+triton-client: $(TRITON_STAMP) ## .venv-triton with tritonclient[grpc] from PyPI, for the OIP tests
+
+test: $(STAMP) $(TRITON_STAMP) tools ## run the test suite (unit, property and end-to-end)
 	$(BIN)/python -m pytest -q
 
 tools: ## system programs the tests run (openssl for test certificates); apt-get if missing
@@ -60,7 +71,7 @@ bench-export: $(STAMP) ## time the two ONNX graph forms per batch size
 	$(BIN)/python -m model_export.bench
 
 clean: ## remove the venvs and caches
-	rm -rf $(VENV) $(GPU_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(GPU_VENV) $(TRITON_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 proto: $(STAMP) ## regenerate lstm_stream/ stubs from proto/ (committed; a test checks they are fresh)
 	cd $(CURDIR) && $(BIN)/python tools/gen_proto.py

@@ -95,4 +95,5 @@ async def test_failed_rpcs_are_counted_by_code(
     with contextlib.suppress(grpc.aio.AioRpcError):
         await stub.GetSession(pb.SessionRef(session_id="nobody"))
     samples = await scrape(server)
-    assert value(samples, "lstm_rpcs_total", api="native", method="GetSession", code="NOT_FOUND") == 1
+    labels = {"api": "native", "method": "GetSession", "code": "NOT_FOUND"}
+    assert value(samples, "lstm_rpcs_total", **labels) == 1
