@@ -12,9 +12,11 @@ from typing import Any
 import grpc
 import numpy as np
 
+from lstm_stream.oip.v2 import inference_pb2 as oip
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 
 STREAM_METHOD = "/lstm_stream.v1.LstmStream/StreamSteps"
+OIP_STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # not in grpc-stubs
 Counter = Any  # a multiprocessing.Value("q"), shared with the parent for the progress line
 
@@ -26,7 +28,7 @@ class Shape:
     streams: int = 16
     sessions: int = 256
     events_per_request: int = 16
-    form: str = "columnar"  # or "events"
+    form: str = "columnar"  # or "events", or "oip" (Triton's ModelStreamInfer)
     window: int = 4
     """Requests in flight per stream (closed loop)."""
     rate: float = 0.0
@@ -57,6 +59,9 @@ def build_requests(shape: Shape, stream: int, variants: int = 4) -> list[bytes]:
             for k in range(shape.events_per_request)
         ]
         values = rng.standard_normal((len(ids), shape.event_size)).astype("<f4")
+        if shape.form == "oip":
+            out.append(oip_request(ids[0], values).SerializeToString())
+            continue
         if shape.form == "columnar":
             request = pb.StepRequest(batch=pb.EventBatch(session_ids=ids, values=values.tobytes()))
         else:
@@ -65,6 +70,21 @@ def build_requests(shape: Shape, stream: int, variants: int = 4) -> list[bytes]:
             )
         out.append(request.SerializeToString())
     return out
+
+
+def oip_request(sequence: str, rows: np.ndarray) -> oip.ModelInferRequest:
+    """What Triton's client sends on a stream: rows of one sequence, raw FP32 bytes.
+
+    Every request starts its sequence (the bench cannot order a first one per sequence
+    across variants); a start costs a reset of the state, not another run.
+    """
+    request = oip.ModelInferRequest(model_name="lstm", id=sequence)
+    request.parameters["sequence_id"].string_param = sequence
+    request.parameters["sequence_start"].bool_param = True
+    tensor = request.inputs.add(name="event", datatype="FP32", shape=list(rows.shape))
+    del tensor  # the data travels in raw_input_contents, as tritonclient sends it
+    request.raw_input_contents.append(rows.astype("<f4").tobytes())
+    return request
 
 
 async def _stream(
@@ -78,7 +98,9 @@ async def _stream(
 ) -> None:
     # Raw bytes both ways: the client neither serialises nor parses per message.
     method = channel.stream_stream(
-        STREAM_METHOD, request_serializer=None, response_deserializer=None
+        OIP_STREAM_METHOD if shape.form == "oip" else STREAM_METHOD,
+        request_serializer=None,
+        response_deserializer=None,
     )
     call = method()  # type: ignore[call-arg]
     requests = build_requests(shape, stream)
@@ -116,6 +138,10 @@ async def _stream(
                 break
             now = time.perf_counter()
             stamp = sent.popleft()
+            if shape.form == "oip" and not result.requests:  # spot check: no error answers
+                assert isinstance(response, bytes)
+                parsed = oip.ModelStreamInferResponse.FromString(response)
+                result.errors += bool(parsed.error_message)
             if t_start <= stamp:
                 result.requests += 1
                 result.events += shape.events_per_request

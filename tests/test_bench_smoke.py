@@ -46,7 +46,10 @@ def test_bench_suite_smoke(tmp_path: Path) -> None:
     assert server["mean_batch"] is not None and server["mean_batch"] >= 1
     assert results["memory"]["live_sessions"] == results["memory"]["sessions"] == 8192
     assert ("server-sqlite", "columnar-16x16") in kinds
-    assert len(results["targets"]) == 8
+    assert ("server", "oip-1x16") in kinds and ("server", "events-1x16") in kinds
+    oip = next(r for r in results["runs"] if r["scenario"] == "oip-1x16")
+    assert oip["events_per_s"] > 0 and oip["errors"] == 0
+    assert len(results["targets"]) == 9
     assert any("sqlite" in t["target"] for t in results["targets"])
     assert "| target | goal | measured | holds |" in (tmp_path / "table.md").read_text()
     for png in ("throughput_vs_streams.png", "latency_open_loop.png"):
