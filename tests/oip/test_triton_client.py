@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,14 @@ async def test_calls_we_do_not_serve_are_unimplemented(server: Server) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call(b"")
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_the_readme_triton_example_runs(server: Server) -> None:
+    readme = (ROOT / "README.md").read_text()
+    [block] = re.findall(r"```text\n(import numpy as np, tritonclient.*?)```", readme, re.S)
+    code = block.replace("localhost:50051", f"127.0.0.1:{server.port}")
+    done = await asyncio.to_thread(
+        subprocess.run, [str(TRITON_PYTHON), "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(1, 64)"
