@@ -35,10 +35,14 @@ triton-client: $(TRITON_STAMP) ## .venv-triton with tritonclient[grpc] from PyPI
 test: $(STAMP) $(TRITON_STAMP) tools ## run the test suite (unit, property and end-to-end)
 	$(BIN)/python -m pytest -q
 
-tools: ## system programs the tests run (openssl for test certificates); apt-get if missing
-	@command -v openssl >/dev/null 2>&1 || { \
-		echo "installing openssl (the TLS tests make certificates with it)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl; }
+tools: ## system programs the tests run (openssl, prometheus + promtool); apt-get if missing
+	@missing=""; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (test certificates; Prometheus and promtool for deploy/)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $$missing >/dev/null; fi
 
 GPU_VENV ?= .venv-gpu
 test-gpu: ## the end-to-end tests with --device cuda (own venv with onnxruntime-gpu); skips without a GPU

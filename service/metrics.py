@@ -119,6 +119,9 @@ class Metrics:
             registry=r,
         )
         self.live_sessions = Gauge("lstm_live_sessions", "Sessions in memory.", registry=r)
+        self.max_sessions = Gauge(
+            "lstm_max_sessions", "The cap on sessions in memory (--max-sessions).", registry=r
+        )
         self.evictions = Counter(
             "lstm_evictions", "Sessions evicted, by reason.", ["reason"], registry=r
         )

@@ -161,6 +161,7 @@ class Server:
         assert self._oip is not None
         self._oip.attach(batcher, lambda: not self._stopping and batcher.store_failure is None)
         self.metrics.track_live_sessions(lambda: len(table))
+        self.metrics.max_sessions.set(s.max_sessions)
         self.metrics.track_loop(loop)
         self.metrics.model_info.labels(
             spec.fingerprint[:16],
