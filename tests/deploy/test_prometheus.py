@@ -161,7 +161,14 @@ async def test_prometheus_scrapes_and_every_dashboard_query_has_data(
             empty.append(expr)
     assert not empty, f"dashboard queries without data: {empty}"
     rules = get_json(f"{api}/api/v1/rules")["data"]["groups"]
-    assert [r["name"] for r in rules[0]["rules"]][0] == "LstmStreamDown"
+    names = [r["name"] for r in rules[0]["rules"]]
+    assert names == [
+        "LstmStreamDown",
+        "LstmStreamErrorRatio",
+        "LstmStreamLatencyHigh",
+        "LstmStreamSessionsNearCap",
+        "LstmStreamStoreFailing",
+    ]
     assert all(r["health"] == "ok" for r in rules[0]["rules"]), rules
 
 
