@@ -1,0 +1,27 @@
+# lstm-serve on CPU: `docker build -t lstm-stream .` (the CUDA variant: Dockerfile.cuda).
+# The embedded default model is served unless LSTM_MODEL (or --model) names a mounted file.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY model_export ./model_export
+COPY service ./service
+COPY lstm_stream ./lstm_stream
+COPY lstm_bench ./lstm_bench
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/lstm-stream lstm \
+    && mkdir -p /var/lib/lstm-stream/data && chown lstm /var/lib/lstm-stream/data
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+USER 10001
+WORKDIR /var/lib/lstm-stream
+ENV LSTM_HOST=0.0.0.0 \
+    LSTM_METRICS_HOST=0.0.0.0 \
+    LSTM_PORT=50051 \
+    LSTM_METRICS_PORT=9464 \
+    LSTM_DEVICE=cpu
+EXPOSE 50051 9464
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-m", "service.healthcheck"]
+ENTRYPOINT ["lstm-serve"]

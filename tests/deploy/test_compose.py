@@ -1,0 +1,106 @@
+"""docker-compose.yml and the Dockerfiles without a Docker engine: validated, linted, and the
+server run natively with the compose service's command and environment and the image's
+entrypoint and health check."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import yaml
+
+from lstm_bench import procs
+from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
+from tests.service.client import Ev, answers, request
+from tests.service.reference import Reference, events
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def dockerfile_json(name: str, instruction: str) -> list[str]:
+    """An exec-form instruction (ENTRYPOINT, HEALTHCHECK's CMD) of the final stage."""
+    text = (ROOT / name).read_text().replace("\\\n", " ")
+    lines = [line for line in text.splitlines() if line.startswith(instruction)]
+    match = re.search(r"(\[.*\])", lines[-1])
+    assert match, lines[-1]
+    return yaml.safe_load(match.group(1))
+
+
+def test_compose_files_follow_the_compose_specification() -> None:
+    files = [str(ROOT / "docker-compose.yml"), str(ROOT / "docker-compose.gpu.yml")]
+    done = subprocess.run(
+        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", *files],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfiles_pass_hadolint() -> None:
+    files = [str(ROOT / "Dockerfile"), str(ROOT / "Dockerfile.cuda")]
+    done = subprocess.run([str(BIN / "hadolint"), *files], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_stack_mounts_files_that_exist() -> None:
+    services = compose()["services"]
+    assert set(services) == {"lstm-stream", "prometheus", "grafana"}
+    for service in ("prometheus", "grafana"):
+        for volume in services[service]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), (service, source)
+    assert services["lstm-stream"]["build"]["dockerfile"] == "Dockerfile"
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]
+    devices = gpu["lstm-stream"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+
+
+def test_the_compose_server_runs_natively(tmp_path: Path) -> None:
+    service = compose()["services"]["lstm-stream"]
+    entrypoint = dockerfile_json("Dockerfile", "ENTRYPOINT")
+    assert entrypoint == ["lstm-serve"]
+    # The container's paths and ports, moved to this machine's loopback and a temp dir.
+    args = [a.replace("/var/lib/lstm-stream/data", str(tmp_path)) for a in service["command"]]
+    env = {**os.environ, **{k: str(v) for k, v in service["environment"].items()}}
+    env.update(LSTM_HOST="127.0.0.1", LSTM_METRICS_HOST="127.0.0.1")
+    env.update(LSTM_PORT="0", LSTM_METRICS_PORT="0", LSTM_LOG_LEVEL="WARNING")
+    proc = subprocess.Popen(
+        [str(BIN / entrypoint[0]), *args], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        port, _ = procs.parse_ports(proc.stdout.readline())
+        health = dockerfile_json("Dockerfile", "HEALTHCHECK")
+        assert health[0] == "python", health  # HEALTHCHECK ... CMD ["python", ...]
+        probe = [sys.executable, *health[1:], "--port", str(port)]
+        done = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+        assert (done.returncode, done.stdout.strip()) == (0, "SERVING"), done.stderr
+        ref = Reference()
+        x = events(np.random.default_rng(4), 2)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.LstmStreamStub(channel)
+            got = answers(stub.Step(request([Ev("compose", x[0])])))
+            np.testing.assert_allclose(got[0].output, ref.step("compose", x[0]), atol=1e-5)
+        assert (tmp_path / "state.db").exists()  # the compose command's SQLite store
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    # After the server is gone the health check fails, as Docker needs it to.
+    time.sleep(0.1)
+    done = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "UNAVAILABLE" in done.stdout, shlex.join(probe)
