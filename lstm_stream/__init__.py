@@ -1,1 +1,5 @@
-"""Generated gRPC/protobuf stubs of the lstm-stream API (``make proto``)."""
+"""lstm-stream's API: the client (``Client``, ``AsyncClient``) and the generated stubs (``v1``)."""
+
+from lstm_stream.client import AsyncClient, Client, LstmError, Results
+
+__all__ = ["AsyncClient", "Client", "LstmError", "Results"]

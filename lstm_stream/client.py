@@ -1,0 +1,459 @@
+"""A client for lstm-serve: ``from lstm_stream import Client, AsyncClient``.
+
+Events go as numpy rows in the columnar form (one buffer per request) and come
+back as numpy. With ``exactly_once`` (the default) every event gets the next
+``seq`` of its session, starting after the ``last_seq`` the server holds, so a
+call retried after a reconnect is applied once: what was applied comes back
+``duplicate``. Calls are retried on ``UNAVAILABLE`` (a restart, a drain) for up
+to ``retry_for`` seconds; a stream is reopened and its unanswered requests re-sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lstm_stream.v1 import lstm_stream_pb2 as pb
+from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+"""Codes after which a call is sent again (gRPC's own INTERNAL race at a restart too)."""
+
+
+class LstmError(Exception):
+    """A call failed for good: the server's status code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Results:
+    """The answers to ``n`` events, as arrays: row ``i`` answers event ``i``."""
+
+    steps: np.ndarray
+    outputs: np.ndarray
+    """``[n, O]`` float32; zeros where ``codes[i] != 0``."""
+    codes: np.ndarray
+    duplicates: np.ndarray
+    errors: list[str]
+    seqs: np.ndarray
+
+    @property
+    def ok(self) -> bool:
+        return not self.codes.any()
+
+
+@dataclass
+class _Request:
+    ids: list[str]
+    values: np.ndarray
+    seqs: np.ndarray
+    resets: np.ndarray
+    message: pb.StepRequest
+
+
+def _retryable(exc: grpc.RpcError) -> bool:
+    code = exc.code()  # type: ignore[attr-defined]
+    details = exc.details() or ""  # type: ignore[attr-defined]
+    return code in RETRYABLE or (
+        code == grpc.StatusCode.INTERNAL and "Internal error from Core" in details
+    )
+
+
+def _credentials(
+    tls_ca: str | None, tls_cert: str | None, tls_key: str | None
+) -> grpc.ChannelCredentials | None:
+    if not (tls_ca or tls_cert):
+        return None
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+
+
+class _Core:
+    """What both clients share: seq numbering and message building; no I/O."""
+
+    def __init__(self, token: str | None, exactly_once: bool, retry_for: float, form: str):
+        if form not in ("columnar", "events"):
+            raise ValueError("form must be 'columnar' or 'events'")
+        self.form = form
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.exactly_once = exactly_once
+        self.retry_for = retry_for
+        self.last_seq: dict[str, int] = {}
+        self.output_size = 0
+
+    def unknown(self, ids: Iterable[str]) -> list[str]:
+        if not self.exactly_once:
+            return []
+        return [i for i in dict.fromkeys(ids) if i not in self.last_seq]
+
+    def learn(self, session_id: str, session: pb.Session | None) -> None:
+        self.last_seq[session_id] = session.last_seq if session is not None else 0
+
+    def request(
+        self, ids: Sequence[str], values: np.ndarray, resets: Sequence[bool] | None
+    ) -> _Request:
+        ids = list(ids)
+        values = np.ascontiguousarray(values, "<f4")
+        if values.ndim != 2 or values.shape[0] != len(ids):
+            raise ValueError(f"values must be [{len(ids)}, E]; got {list(values.shape)}")
+        n = len(ids)
+        seqs = np.zeros(n, np.uint64)
+        if self.exactly_once:
+            last = self.last_seq
+            for i, sid in enumerate(ids):
+                last[sid] += 1
+                seqs[i] = last[sid]
+        reset_array = np.zeros(n, np.bool_) if resets is None else np.asarray(resets, np.bool_)
+        if self.form == "events":
+            message = pb.StepRequest(
+                events=[
+                    pb.Event(session_id=sid, seq=int(q), values=row.tolist(), reset=bool(r))
+                    for sid, q, row, r in zip(ids, seqs, values, reset_array)
+                ]
+            )
+            return _Request(ids, values, seqs, reset_array, message)
+        batch = pb.EventBatch(
+            session_ids=ids,
+            values=values.tobytes(),
+            seqs=seqs.tolist() if self.exactly_once else [],
+            resets=reset_array.tolist() if reset_array.any() else [],
+        )
+        return _Request(ids, values, seqs, reset_array, pb.StepRequest(batch=batch))
+
+    def results(self, request: _Request, response: pb.StepResponse) -> Results:
+        if response.code:
+            raise LstmError(grpc.StatusCode(_code(response.code)), response.error)
+        if not response.HasField("batch"):
+            rs = response.results
+            width = max((len(r.output) for r in rs), default=0)
+            outputs = np.zeros((len(rs), width), np.float32)
+            for i, r in enumerate(rs):
+                if len(r.output):
+                    outputs[i] = r.output
+            return Results(
+                steps=np.array([r.step for r in rs], np.uint64),
+                outputs=outputs,
+                codes=np.array([r.code for r in rs], np.int32),
+                duplicates=np.array([r.duplicate for r in rs], np.bool_),
+                errors=[r.error for r in rs],
+                seqs=request.seqs,
+            )
+        b = response.batch
+        n = len(b.steps)
+        outputs = np.frombuffer(b.outputs, "<f4").reshape(n, -1) if n else np.zeros((0, 0))
+        return Results(
+            steps=np.array(b.steps, np.uint64),
+            outputs=outputs,
+            codes=np.array(b.codes, np.int32),
+            duplicates=np.array(b.duplicates, np.bool_),
+            errors=list(b.errors),
+            seqs=request.seqs,
+        )
+
+
+def _code(number: int) -> tuple[int, str]:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code.value  # type: ignore[no-any-return]
+    return grpc.StatusCode.UNKNOWN.value  # type: ignore[no-any-return]
+
+
+class Client:
+    """Blocking client. ``with Client("host:50051") as c: out = c.step("user-7", x)``."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        exactly_once: bool = True,
+        retry_for: float = 30.0,
+        window: int = 8,
+        form: str = "columnar",
+    ):
+        credentials = _credentials(tls_ca, tls_cert, tls_key)
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        self.channel = (
+            grpc.secure_channel(address, credentials, options)
+            if credentials
+            else grpc.insecure_channel(address, options)
+        )
+        self.stub = pb_grpc.LstmStreamStub(self.channel)
+        self.core = _Core(token, exactly_once, retry_for, form)
+        self.window = window
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method: Any, message: Any) -> Any:
+        deadline = time.monotonic() + self.core.retry_for
+        delay = 0.05
+        while True:
+            try:
+                return method(message, metadata=self.core.metadata)
+            except grpc.RpcError as exc:
+                if not _retryable(exc) or time.monotonic() + delay > deadline:
+                    raise LstmError(exc.code(), exc.details() or "") from exc  # type: ignore[attr-defined]
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _prepare(self, ids: Sequence[str]) -> None:
+        for sid in self.core.unknown(ids):
+            self.core.learn(sid, self.get_session(sid))
+
+    def step_many(
+        self, session_ids: Sequence[str], values: np.ndarray, resets: Sequence[bool] | None = None
+    ) -> Results:
+        """Apply ``values[i]`` to ``session_ids[i]``, in order; one request."""
+        self._prepare(session_ids)
+        request = self.core.request(session_ids, values, resets)
+        return self.core.results(request, self._call(self.stub.Step, request.message))
+
+    def step(self, session_id: str, values: np.ndarray, reset: bool = False) -> np.ndarray:
+        """One event; its output, or LstmError when the server refused it."""
+        r = self.step_many([session_id], np.asarray(values, np.float32)[None, :], [reset])
+        if r.codes[0]:
+            raise LstmError(grpc.StatusCode(_code(int(r.codes[0]))), r.errors[0])
+        return r.outputs[0]
+
+    def stream(self, batches: Iterable[tuple[Sequence[str], np.ndarray]]) -> Iterator[Results]:
+        """Pipeline ``(session_ids, values)`` batches over one stream, ``window`` in flight;
+        yields each batch's results in order. A broken stream is reopened and what it had
+        not answered is sent again (applied once, thanks to seq)."""
+        source = iter(batches)
+        pending: collections.deque[_Request] = collections.deque()
+        deadline = None
+        current = [0]  # the live stream's number; an older request iterator stops
+        exhausted = False
+        while True:
+            current[0] += 1
+
+            def requests(
+                mine: int = current[0], replay: tuple[_Request, ...] = tuple(pending)
+            ) -> Iterator[pb.StepRequest]:
+                nonlocal exhausted
+                for request in replay:
+                    yield request.message
+                while True:
+                    while len(pending) >= self.window and mine == current[0]:
+                        time.sleep(0.0005)  # the reader below frees room as answers arrive
+                    if mine != current[0] or exhausted:
+                        return  # a reconnect replaced this stream
+                    try:
+                        ids, values = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        return
+                    self._prepare(ids)
+                    request = self.core.request(ids, values, None)
+                    pending.append(request)
+                    yield request.message
+
+            call = self.stub.StreamSteps(requests(), metadata=self.core.metadata)
+            try:
+                for response in call:
+                    deadline = None
+                    yield self.core.results(pending.popleft(), response)
+                if exhausted and not pending:
+                    return
+            except grpc.RpcError as exc:
+                if not _retryable(exc):
+                    raise LstmError(exc.code(), exc.details() or "") from exc  # type: ignore[attr-defined]
+                deadline = deadline or time.monotonic() + self.core.retry_for
+                if time.monotonic() > deadline:
+                    raise LstmError(exc.code(), exc.details() or "") from exc  # type: ignore[attr-defined]
+                time.sleep(0.2)
+
+    def get_session(self, session_id: str) -> pb.Session | None:
+        try:
+            return self._call(self.stub.GetSession, pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
+        except LstmError as exc:
+            if exc.code == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    def reset_session(self, session_id: str) -> pb.Session:
+        return self._call(self.stub.ResetSession, pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
+
+    def delete_session(self, session_id: str) -> pb.Session:
+        self.core.last_seq.pop(session_id, None)
+        return self._call(self.stub.DeleteSession, pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
+
+    def model_info(self) -> pb.ModelInfo:
+        return self._call(self.stub.GetModelInfo, pb.ModelInfoRequest())  # type: ignore[no-any-return]
+
+    def health(self) -> str:
+        """SERVING, NOT_SERVING, or the error that prevented asking."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+class AsyncClient:
+    """The asyncio client: the same calls, awaited. ``async with AsyncClient(...) as c:``."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        exactly_once: bool = True,
+        retry_for: float = 30.0,
+        window: int = 8,
+        form: str = "columnar",
+    ):
+        credentials = _credentials(tls_ca, tls_cert, tls_key)
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        self.channel = (
+            grpc.aio.secure_channel(address, credentials, options)
+            if credentials
+            else grpc.aio.insecure_channel(address, options)
+        )
+        self.stub = pb_grpc.LstmStreamStub(self.channel)
+        self.core = _Core(token, exactly_once, retry_for, form)
+        self.window = window
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _call(self, method: Any, message: Any) -> Any:
+        deadline = time.monotonic() + self.core.retry_for
+        delay = 0.05
+        while True:
+            try:
+                return await method(message, metadata=self.core.metadata)
+            except grpc.aio.AioRpcError as exc:
+                if not _retryable(exc) or time.monotonic() + delay > deadline:
+                    raise LstmError(exc.code(), exc.details() or "") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _prepare(self, ids: Sequence[str]) -> None:
+        unknown = self.core.unknown(ids)
+        found = await asyncio.gather(*(self.get_session(sid) for sid in unknown))
+        for sid, session in zip(unknown, found):
+            self.core.learn(sid, session)
+
+    async def step_many(
+        self, session_ids: Sequence[str], values: np.ndarray, resets: Sequence[bool] | None = None
+    ) -> Results:
+        await self._prepare(session_ids)
+        request = self.core.request(session_ids, values, resets)
+        return self.core.results(request, await self._call(self.stub.Step, request.message))
+
+    async def step(self, session_id: str, values: np.ndarray, reset: bool = False) -> np.ndarray:
+        r = await self.step_many([session_id], np.asarray(values, np.float32)[None, :], [reset])
+        if r.codes[0]:
+            raise LstmError(grpc.StatusCode(_code(int(r.codes[0]))), r.errors[0])
+        return r.outputs[0]
+
+    async def stream(
+        self, batches: Iterable[tuple[Sequence[str], np.ndarray]]
+    ) -> AsyncIterator[Results]:
+        """As ``Client.stream``: pipelined, in order, resumed after a reconnect."""
+        source = iter(batches)
+        pending: collections.deque[_Request] = collections.deque()
+        exhausted = False
+        deadline = None
+        while True:
+            call = self.stub.StreamSteps(metadata=self.core.metadata)
+            room = asyncio.Semaphore(self.window)
+
+            async def write(
+                call: Any = call,
+                room: asyncio.Semaphore = room,
+                replay: tuple[_Request, ...] = tuple(pending),
+            ) -> None:
+                nonlocal exhausted
+                for request in replay:
+                    await room.acquire()
+                    await call.write(request.message)
+                while True:
+                    await room.acquire()
+                    try:
+                        ids, values = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        await call.done_writing()
+                        return
+                    await self._prepare(ids)
+                    request = self.core.request(ids, values, None)
+                    pending.append(request)
+                    await call.write(request.message)
+
+            writer = asyncio.ensure_future(write())
+            try:
+                async for response in call:
+                    deadline = None
+                    room.release()
+                    yield self.core.results(pending.popleft(), response)
+                await writer
+                if exhausted and not pending:
+                    return
+            except grpc.aio.AioRpcError as exc:
+                writer.cancel()
+                if not _retryable(exc):
+                    raise LstmError(exc.code(), exc.details() or "") from exc
+                deadline = deadline or time.monotonic() + self.core.retry_for
+                if time.monotonic() > deadline:
+                    raise LstmError(exc.code(), exc.details() or "") from exc
+                await asyncio.sleep(0.2)
+            finally:
+                writer.cancel()
+
+    async def get_session(self, session_id: str) -> pb.Session | None:
+        try:
+            return await self._call(self.stub.GetSession, pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
+        except LstmError as exc:
+            if exc.code == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    async def reset_session(self, session_id: str) -> pb.Session:
+        return await self._call(self.stub.ResetSession, pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
+
+    async def delete_session(self, session_id: str) -> pb.Session:
+        self.core.last_seq.pop(session_id, None)
+        return await self._call(self.stub.DeleteSession, pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
+
+    async def model_info(self) -> pb.ModelInfo:
+        return await self._call(self.stub.GetModelInfo, pb.ModelInfoRequest())  # type: ignore[no-any-return]
