@@ -24,6 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
 
+Batch = tuple[Sequence[str], np.ndarray] | tuple[Sequence[str], np.ndarray, Sequence[bool]]
+"""``(session_ids, values [n, E])``, optionally with ``resets``."""
+
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 """Codes after which a call is sent again (gRPC's own INTERNAL race at a restart too)."""
 
@@ -226,7 +229,13 @@ class Client:
 
     def _prepare(self, ids: Sequence[str]) -> None:
         for sid in self.core.unknown(ids):
-            self.core.learn(sid, self.get_session(sid))
+            try:
+                session = self.get_session(sid)
+            except LstmError as exc:
+                if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                session = None  # a bad id: its events are refused one by one
+            self.core.learn(sid, session)
 
     def step_many(
         self, session_ids: Sequence[str], values: np.ndarray, resets: Sequence[bool] | None = None
@@ -243,8 +252,9 @@ class Client:
             raise LstmError(grpc.StatusCode(_code(int(r.codes[0]))), r.errors[0])
         return r.outputs[0]
 
-    def stream(self, batches: Iterable[tuple[Sequence[str], np.ndarray]]) -> Iterator[Results]:
-        """Pipeline ``(session_ids, values)`` batches over one stream, ``window`` in flight;
+    def stream(self, batches: Iterable[Batch]) -> Iterator[Results]:
+        """Pipeline ``(session_ids, values[, resets])`` batches over one stream, ``window`` in
+        flight;
         yields each batch's results in order. A broken stream is reopened and what it had
         not answered is sent again (applied once, thanks to seq)."""
         source = iter(batches)
@@ -267,12 +277,12 @@ class Client:
                     if mine != current[0] or exhausted:
                         return  # a reconnect replaced this stream
                     try:
-                        ids, values = next(source)
+                        ids, values, *resets = next(source)
                     except StopIteration:
                         exhausted = True
                         return
                     self._prepare(ids)
-                    request = self.core.request(ids, values, None)
+                    request = self.core.request(ids, values, resets[0] if resets else None)
                     pending.append(request)
                     yield request.message
 
@@ -369,9 +379,17 @@ class AsyncClient:
 
     async def _prepare(self, ids: Sequence[str]) -> None:
         unknown = self.core.unknown(ids)
-        found = await asyncio.gather(*(self.get_session(sid) for sid in unknown))
+        found = await asyncio.gather(*(self._known(sid) for sid in unknown))
         for sid, session in zip(unknown, found):
             self.core.learn(sid, session)
+
+    async def _known(self, session_id: str) -> pb.Session | None:
+        try:
+            return await self.get_session(session_id)
+        except LstmError as exc:
+            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            return None  # a bad id: its events are refused one by one
 
     async def step_many(
         self, session_ids: Sequence[str], values: np.ndarray, resets: Sequence[bool] | None = None
@@ -386,9 +404,7 @@ class AsyncClient:
             raise LstmError(grpc.StatusCode(_code(int(r.codes[0]))), r.errors[0])
         return r.outputs[0]
 
-    async def stream(
-        self, batches: Iterable[tuple[Sequence[str], np.ndarray]]
-    ) -> AsyncIterator[Results]:
+    async def stream(self, batches: Iterable[Batch]) -> AsyncIterator[Results]:
         """As ``Client.stream``: pipelined, in order, resumed after a reconnect."""
         source = iter(batches)
         pending: collections.deque[_Request] = collections.deque()
@@ -410,13 +426,13 @@ class AsyncClient:
                 while True:
                     await room.acquire()
                     try:
-                        ids, values = next(source)
+                        ids, values, *resets = next(source)
                     except StopIteration:
                         exhausted = True
                         await call.done_writing()
                         return
                     await self._prepare(ids)
-                    request = self.core.request(ids, values, None)
+                    request = self.core.request(ids, values, resets[0] if resets else None)
                     pending.append(request)
                     await call.write(request.message)
 
