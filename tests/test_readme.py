@@ -34,6 +34,9 @@ async def test_readme_python_examples_run(server: Server, tmp_path: Path) -> Non
         )
         assert result.returncode == 0, result.stderr
         outputs.append(result.stdout)
-    assert "columnar: (1000, 64) all ok: True" in outputs[0]
-    assert "stream step 4" in outputs[0]
+    text = "".join(outputs)
+    assert "library: [2, 1, 3] (3, 64) True" in text
+    assert "library stream step 3 SERVING" in text
+    assert "columnar: (1000, 64) all ok: True" in text
+    assert "stream step 4" in text
     assert (tmp_path / "params.npz").exists()

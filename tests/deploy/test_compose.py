@@ -70,21 +70,29 @@ def test_the_stack_mounts_files_that_exist() -> None:
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 
 
-def test_the_compose_server_runs_natively(tmp_path: Path) -> None:
+def start_compose_server(data_dir: Path) -> tuple[subprocess.Popen[str], int, int]:
+    """The image's entrypoint with the compose service's command and environment, natively:
+    the container's data directory moved to ``data_dir``, its ports to free loopback ones.
+    Returns (process, gRPC port, metrics port)."""
     service = compose()["services"]["lstm-stream"]
     entrypoint = dockerfile_json("Dockerfile", "ENTRYPOINT")
     assert entrypoint == ["lstm-serve"]
-    # The container's paths and ports, moved to this machine's loopback and a temp dir.
-    args = [a.replace("/var/lib/lstm-stream/data", str(tmp_path)) for a in service["command"]]
+    args = [a.replace("/var/lib/lstm-stream/data", str(data_dir)) for a in service["command"]]
     env = {**os.environ, **{k: str(v) for k, v in service["environment"].items()}}
     env.update(LSTM_HOST="127.0.0.1", LSTM_METRICS_HOST="127.0.0.1")
     env.update(LSTM_PORT="0", LSTM_METRICS_PORT="0", LSTM_LOG_LEVEL="WARNING")
     proc = subprocess.Popen(
         [str(BIN / entrypoint[0]), *args], env=env, stdout=subprocess.PIPE, text=True
     )
+    assert proc.stdout is not None
+    port, metrics_port = procs.parse_ports(proc.stdout.readline())
+    assert metrics_port is not None
+    return proc, port, metrics_port
+
+
+def test_the_compose_server_runs_natively(tmp_path: Path) -> None:
+    proc, port, _ = start_compose_server(tmp_path)
     try:
-        assert proc.stdout is not None
-        port, _ = procs.parse_ports(proc.stdout.readline())
         health = dockerfile_json("Dockerfile", "HEALTHCHECK")
         assert health[0] == "python", health  # HEALTHCHECK ... CMD ["python", ...]
         probe = [sys.executable, *health[1:], "--port", str(port)]

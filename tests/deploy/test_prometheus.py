@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -23,11 +26,14 @@ import pytest
 from lstm_bench import procs
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
-from tests.conftest import DEVICE
+from tests.deploy.test_compose import start_compose_server
 from tests.service.client import Ev, request
 from tests.service.reference import events
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+from render_dashboard import render  # noqa: E402
+
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "lstm-stream.json"
 
@@ -83,8 +89,10 @@ def get_json(url: str) -> dict:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[procs.Target, str]]:
-    """The server and a Prometheus scraping it with the repo's config and rules."""
-    target = procs.start("server", None, ["--device", DEVICE, "--session-ttl", "0"])
+    """The compose stack's parts, natively: the server as docker-compose.yml runs it, and
+    Debian's Prometheus with the repo's config and rules, scraping it on loopback."""
+    proc, port, metrics_port = start_compose_server(tmp_path_factory.mktemp("data"))
+    target = procs.Target("server", proc, port, metrics_port)
     work = tmp_path_factory.mktemp("prometheus")
     config = (PROMETHEUS_DIR / "prometheus.yml").read_text()
     assert '["lstm-stream:9464"]' in config
@@ -146,7 +154,9 @@ async def test_prometheus_scrapes_and_every_dashboard_query_has_data(
     stack: tuple[procs.Target, str],
 ) -> None:
     target, api = stack
-    await traffic(target.address, 8.0)
+    # LSTM_DASHBOARD_SECONDS/LSTM_DASHBOARD_DIR: a longer run that keeps the picture
+    # (how docs/dashboard.png was made); the suite runs 8 s and throws it away.
+    await traffic(target.address, float(os.environ.get("LSTM_DASHBOARD_SECONDS") or 8))
     targets = get_json(f"{api}/api/v1/targets")["data"]["activeTargets"]
     assert [(t["labels"]["job"], t["health"]) for t in targets] == [("lstm-stream", "up")]
     dashboard = json.loads(DASHBOARD.read_text())
@@ -160,6 +170,10 @@ async def test_prometheus_scrapes_and_every_dashboard_query_has_data(
         if not answer["data"]["result"]:
             empty.append(expr)
     assert not empty, f"dashboard queries without data: {empty}"
+    # The README's picture of the dashboard, drawn from this Prometheus.
+    picture = stack_dir(api) / "dashboard.png"
+    assert render(api, picture, minutes=2) >= len(exprs)
+    assert picture.stat().st_size > 20_000
     rules = get_json(f"{api}/api/v1/rules")["data"]["groups"]
     names = [r["name"] for r in rules[0]["rules"]]
     assert names == [
@@ -170,6 +184,10 @@ async def test_prometheus_scrapes_and_every_dashboard_query_has_data(
         "LstmStreamStoreFailing",
     ]
     assert all(r["health"] == "ok" for r in rules[0]["rules"]), rules
+
+
+def stack_dir(api: str) -> Path:
+    return Path(os.environ.get("LSTM_DASHBOARD_DIR") or tempfile.mkdtemp())
 
 
 def test_promtool_check_metrics_on_the_servers_metrics(stack: tuple[procs.Target, str]) -> None:
