@@ -473,3 +473,12 @@ class AsyncClient:
 
     async def model_info(self) -> pb.ModelInfo:
         return await self._call(self.stub.GetModelInfo, pb.ModelInfoRequest())  # type: ignore[no-any-return]
+
+    async def health(self) -> str:
+        """SERVING, NOT_SERVING, or the error that prevented asking."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))

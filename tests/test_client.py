@@ -73,6 +73,7 @@ async def test_async_client_streams_in_order(server: Server) -> None:
         out = await client.step("u0", batches[0][1][0])
         np.testing.assert_allclose(out, ref.step("u0", batches[0][1][0]), atol=1e-5)
         assert (await client.model_info()).output_size == 64
+        assert await client.health() == "SERVING"
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])

@@ -32,8 +32,11 @@ async def test_ten_thousand_events_from_jsonl(server: Server, tmp_path: Path) ->
     source.write_text("\n".join(lines) + "\n")
     out = tmp_path / "results.jsonl"
     address = f"127.0.0.1:{server.port}"
-    done = await run("--address", address, "stream", str(source), "--output", str(out))
+    done = await run(
+        "--address", address, "stream", str(source), "--output", str(out), "--progress"
+    )
     assert done.returncode == 0, done.stderr
+    assert "10,000 events" in done.stderr and "events/s" in done.stderr  # the rate line
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["line"] for r in records] == list(range(1, 10_001))
     ref = Reference()
