@@ -40,3 +40,17 @@ async def test_readme_python_examples_run(server: Server, tmp_path: Path) -> Non
     assert "columnar: (1000, 64) all ok: True" in text
     assert "stream step 4" in text
     assert (tmp_path / "params.npz").exists()
+
+
+def test_every_flag_is_documented() -> None:
+    import dataclasses
+
+    from service.settings import Settings
+
+    text = README.read_text()
+    missing = [
+        f.name
+        for f in dataclasses.fields(Settings)
+        if f"`--{f.name.replace('_', '-')}`" not in text
+    ]
+    assert not missing, f"flags missing from the README: {missing}"
