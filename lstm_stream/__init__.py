@@ -1,5 +1,5 @@
 """lstm-stream's API: the client (``Client``, ``AsyncClient``) and the generated stubs (``v1``)."""
 
-from lstm_stream.client import AsyncClient, Client, LstmError, Results
+from lstm_stream.client import AsyncClient, Client, LstmError, Results, ShardedClient, rendezvous
 
-__all__ = ["AsyncClient", "Client", "LstmError", "Results"]
+__all__ = ["AsyncClient", "Client", "LstmError", "Results", "ShardedClient", "rendezvous"]

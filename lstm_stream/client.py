@@ -6,16 +6,23 @@ back as numpy. With ``exactly_once`` (the default) every event gets the next
 call retried after a reconnect is applied once: what was applied comes back
 ``duplicate``. Calls are retried on ``UNAVAILABLE`` (a restart, a drain) for up
 to ``retry_for`` seconds; a stream is reopened and its unanswered requests re-sent.
+
+Calls for one session carry an ``x-session-id`` header, so a proxy hashing on it
+(deploy/haproxy/haproxy.cfg) routes a session to the replica that holds it;
+``ShardedClient`` spreads a multi-session workload over replica addresses itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 import numpy as np
@@ -27,8 +34,29 @@ from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
 Batch = tuple[Sequence[str], np.ndarray] | tuple[Sequence[str], np.ndarray, Sequence[bool]]
 """``(session_ids, values [n, E])``, optionally with ``resets``."""
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
-"""Codes after which a call is sent again (gRPC's own INTERNAL race at a restart too)."""
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+"""Codes after which a call is sent again (gRPC's own INTERNAL race at a restart too).
+These calls never cancel themselves: CANCELLED is a proxy dropping the call's stream
+because its replica went away."""
+SESSION_HEADER = "x-session-id"
+
+
+def session_header(session_id: str) -> str:
+    """``x-session-id``'s value: the id, percent-encoded unless it is printable ASCII."""
+    if session_id.isascii() and session_id.isprintable():
+        return session_id
+    return quote(session_id, safe="")
+
+
+def rendezvous(session_id: str, addresses: Sequence[str]) -> int:
+    """Which of ``addresses`` owns a session: highest random weight (rendezvous) hashing.
+
+    Every client computes the same owner; adding an address moves only the sessions
+    it now wins (about 1/N), removing one moves only its own.
+    """
+    key = session_id.encode("utf-8", "surrogatepass")
+    weights = [hashlib.blake2b(key, digest_size=8, key=a.encode()[:64]).digest() for a in addresses]
+    return max(range(len(addresses)), key=weights.__getitem__)
 
 
 class LstmError(Exception):
@@ -106,6 +134,15 @@ class _Core:
         if not self.exactly_once:
             return []
         return [i for i in dict.fromkeys(ids) if i not in self.last_seq]
+
+    def routed(self, ids: Sequence[str]) -> tuple[tuple[str, str], ...]:
+        """The call's metadata: with ``x-session-id`` when every event is for one session."""
+        if not ids:
+            return self.metadata
+        first = ids[0]
+        if len(ids) > 1 and any(sid != first for sid in ids):
+            return self.metadata
+        return (*self.metadata, (SESSION_HEADER, session_header(first)))
 
     def learn(self, session_id: str, session: pb.Session | None) -> None:
         self.last_seq[session_id] = session.last_seq if session is not None else 0
@@ -215,17 +252,22 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method: Any, message: Any) -> Any:
+    def _call(self, method: Any, message: Any, ids: Sequence[str] = ()) -> Any:
+        """``method(message)``, retried; ``ids``: the sessions it is for (routing header)."""
         deadline = time.monotonic() + self.core.retry_for
         delay = 0.05
+        metadata = self.core.routed(ids)
         while True:
             try:
-                return method(message, metadata=self.core.metadata)
+                return method(message, metadata=metadata)
             except grpc.RpcError as exc:
                 if not _retryable(exc) or time.monotonic() + delay > deadline:
                     raise LstmError(exc.code(), exc.details() or "") from exc  # type: ignore[attr-defined]
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def _on(self, method: Any, session_id: str) -> pb.Session:
+        return self._call(method, pb.SessionRef(session_id=session_id), [session_id])  # type: ignore[no-any-return]
 
     def _prepare(self, ids: Sequence[str]) -> None:
         for sid in self.core.unknown(ids):
@@ -243,7 +285,7 @@ class Client:
         """Apply ``values[i]`` to ``session_ids[i]``, in order; one request."""
         self._prepare(session_ids)
         request = self.core.request(session_ids, values, resets)
-        return self.core.results(request, self._call(self.stub.Step, request.message))
+        return self.core.results(request, self._call(self.stub.Step, request.message, request.ids))
 
     def step(self, session_id: str, values: np.ndarray, reset: bool = False) -> np.ndarray:
         """One event; its output, or LstmError when the server refused it."""
@@ -252,11 +294,12 @@ class Client:
             raise LstmError(grpc.StatusCode(_code(int(r.codes[0]))), r.errors[0])
         return r.outputs[0]
 
-    def stream(self, batches: Iterable[Batch]) -> Iterator[Results]:
+    def stream(self, batches: Iterable[Batch], session_id: str | None = None) -> Iterator[Results]:
         """Pipeline ``(session_ids, values[, resets])`` batches over one stream, ``window`` in
-        flight;
-        yields each batch's results in order. A broken stream is reopened and what it had
-        not answered is sent again (applied once, thanks to seq)."""
+        flight; yields each batch's results in order. A broken stream is reopened and what
+        it had not answered is sent again (applied once, thanks to seq). ``session_id``:
+        the one session the stream is for, sent as ``x-session-id`` for a hashing proxy."""
+        metadata = self.core.routed([session_id] if session_id is not None else [])
         source = iter(batches)
         pending: collections.deque[_Request] = collections.deque()
         deadline = None
@@ -286,7 +329,7 @@ class Client:
                     pending.append(request)
                     yield request.message
 
-            call = self.stub.StreamSteps(requests(), metadata=self.core.metadata)
+            call = self.stub.StreamSteps(requests(), metadata=metadata)
             try:
                 for response in call:
                     deadline = None
@@ -303,18 +346,18 @@ class Client:
 
     def get_session(self, session_id: str) -> pb.Session | None:
         try:
-            return self._call(self.stub.GetSession, pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
+            return self._on(self.stub.GetSession, session_id)
         except LstmError as exc:
             if exc.code == grpc.StatusCode.NOT_FOUND:
                 return None
             raise
 
     def reset_session(self, session_id: str) -> pb.Session:
-        return self._call(self.stub.ResetSession, pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
+        return self._on(self.stub.ResetSession, session_id)
 
     def delete_session(self, session_id: str) -> pb.Session:
         self.core.last_seq.pop(session_id, None)
-        return self._call(self.stub.DeleteSession, pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
+        return self._on(self.stub.DeleteSession, session_id)
 
     def model_info(self) -> pb.ModelInfo:
         return self._call(self.stub.GetModelInfo, pb.ModelInfoRequest())  # type: ignore[no-any-return]
@@ -365,17 +408,21 @@ class AsyncClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _call(self, method: Any, message: Any) -> Any:
+    async def _call(self, method: Any, message: Any, ids: Sequence[str] = ()) -> Any:
         deadline = time.monotonic() + self.core.retry_for
         delay = 0.05
+        metadata = self.core.routed(ids)
         while True:
             try:
-                return await method(message, metadata=self.core.metadata)
+                return await method(message, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 if not _retryable(exc) or time.monotonic() + delay > deadline:
                     raise LstmError(exc.code(), exc.details() or "") from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    async def _on(self, method: Any, session_id: str) -> pb.Session:
+        return await self._call(method, pb.SessionRef(session_id=session_id), [session_id])  # type: ignore[no-any-return]
 
     async def _prepare(self, ids: Sequence[str]) -> None:
         unknown = self.core.unknown(ids)
@@ -396,7 +443,9 @@ class AsyncClient:
     ) -> Results:
         await self._prepare(session_ids)
         request = self.core.request(session_ids, values, resets)
-        return self.core.results(request, await self._call(self.stub.Step, request.message))
+        return self.core.results(
+            request, await self._call(self.stub.Step, request.message, request.ids)
+        )
 
     async def step(self, session_id: str, values: np.ndarray, reset: bool = False) -> np.ndarray:
         r = await self.step_many([session_id], np.asarray(values, np.float32)[None, :], [reset])
@@ -404,14 +453,17 @@ class AsyncClient:
             raise LstmError(grpc.StatusCode(_code(int(r.codes[0]))), r.errors[0])
         return r.outputs[0]
 
-    async def stream(self, batches: Iterable[Batch]) -> AsyncIterator[Results]:
+    async def stream(
+        self, batches: Iterable[Batch], session_id: str | None = None
+    ) -> AsyncIterator[Results]:
         """As ``Client.stream``: pipelined, in order, resumed after a reconnect."""
+        metadata = self.core.routed([session_id] if session_id is not None else [])
         source = iter(batches)
         pending: collections.deque[_Request] = collections.deque()
         exhausted = False
         deadline = None
         while True:
-            call = self.stub.StreamSteps(metadata=self.core.metadata)
+            call = self.stub.StreamSteps(metadata=metadata)
             room = asyncio.Semaphore(self.window)
 
             async def write(
@@ -458,18 +510,18 @@ class AsyncClient:
 
     async def get_session(self, session_id: str) -> pb.Session | None:
         try:
-            return await self._call(self.stub.GetSession, pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
+            return await self._on(self.stub.GetSession, session_id)
         except LstmError as exc:
             if exc.code == grpc.StatusCode.NOT_FOUND:
                 return None
             raise
 
     async def reset_session(self, session_id: str) -> pb.Session:
-        return await self._call(self.stub.ResetSession, pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
+        return await self._on(self.stub.ResetSession, session_id)
 
     async def delete_session(self, session_id: str) -> pb.Session:
         self.core.last_seq.pop(session_id, None)
-        return await self._call(self.stub.DeleteSession, pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
+        return await self._on(self.stub.DeleteSession, session_id)
 
     async def model_info(self) -> pb.ModelInfo:
         return await self._call(self.stub.GetModelInfo, pb.ModelInfoRequest())  # type: ignore[no-any-return]
@@ -482,3 +534,85 @@ class AsyncClient:
         except grpc.aio.AioRpcError as exc:
             return f"{exc.code().name}: {exc.details()}"
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+class ShardedClient:
+    """A ``Client`` per replica address; each session always goes to the same one.
+
+    The owner is chosen by rendezvous hashing (``rendezvous``), so no proxy is needed
+    and adding an address moves only ~1/N of the sessions. ``step_many`` splits a
+    request by owner and sends the parts concurrently; results come back in order.
+    Keyword arguments are those of ``Client``.
+    """
+
+    def __init__(self, addresses: Sequence[str], **options: Any):
+        if not addresses:
+            raise ValueError("ShardedClient needs at least one address")
+        self.addresses = list(addresses)
+        self.clients = [Client(a, **options) for a in self.addresses]
+        self._pool = ThreadPoolExecutor(len(self.clients), thread_name_prefix="lstm-shard")
+
+    def __enter__(self) -> ShardedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for client in self.clients:
+            client.close()
+
+    def owner(self, session_id: str) -> Client:
+        return self.clients[rendezvous(session_id, self.addresses)]
+
+    def step_many(
+        self, session_ids: Sequence[str], values: np.ndarray, resets: Sequence[bool] | None = None
+    ) -> Results:
+        """Apply ``values[i]`` to ``session_ids[i]``: one request per replica, concurrently."""
+        values = np.asarray(values, np.float32)
+        owners = np.array([rendezvous(sid, self.addresses) for sid in session_ids], np.int64)
+        parts = [np.flatnonzero(owners == k) for k in range(len(self.clients))]
+
+        def send(k: int) -> Results:
+            rows = parts[k]
+            return self.clients[k].step_many(
+                [session_ids[i] for i in rows.tolist()],
+                values[rows],
+                None if resets is None else [bool(resets[i]) for i in rows.tolist()],
+            )
+
+        busy = [k for k, rows in enumerate(parts) if rows.size]
+        answered = dict(zip(busy, self._pool.map(send, busy)))
+        n = len(session_ids)
+        width = max((r.outputs.shape[1] for r in answered.values()), default=0)
+        out = Results(
+            steps=np.zeros(n, np.uint64),
+            outputs=np.zeros((n, width), np.float32),
+            codes=np.zeros(n, np.int32),
+            duplicates=np.zeros(n, np.bool_),
+            errors=[""] * n,
+            seqs=np.zeros(n, np.uint64),
+        )
+        for k, r in answered.items():
+            rows = parts[k]
+            out.steps[rows] = r.steps
+            out.outputs[rows] = r.outputs
+            out.codes[rows] = r.codes
+            out.duplicates[rows] = r.duplicates
+            out.seqs[rows] = r.seqs
+            for i, error in zip(rows.tolist(), r.errors):
+                out.errors[i] = error
+        return out
+
+    def step(self, session_id: str, values: np.ndarray, reset: bool = False) -> np.ndarray:
+        return self.owner(session_id).step(session_id, values, reset)
+
+    def get_session(self, session_id: str) -> pb.Session | None:
+        return self.owner(session_id).get_session(session_id)
+
+    def reset_session(self, session_id: str) -> pb.Session:
+        return self.owner(session_id).reset_session(session_id)
+
+    def delete_session(self, session_id: str) -> pb.Session:
+        return self.owner(session_id).delete_session(session_id)

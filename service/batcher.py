@@ -18,7 +18,7 @@ import numpy as np
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.sessions import SessionCapError, SessionSnapshot, SessionTable, session_id_error
-from service.store import StateStore, StoredRows, StoreError, StoreLayout
+from service.store import Conflicts, StateStore, StoredRows, StoreError, StoreLayout
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,11 @@ class _Pool:
         for name in self.FIELDS:
             old = getattr(self, name)
             setattr(self, name, np.concatenate((old, new[name])) if old.size else new[name])
+
+    def push_front(self, rows: dict[str, np.ndarray]) -> None:
+        """Put rows taken earlier back before every other row (they stay the oldest)."""
+        for name in self.FIELDS:
+            setattr(self, name, np.concatenate((rows[name], getattr(self, name))))
 
     def take(self, picked: np.ndarray) -> dict[str, np.ndarray]:
         """Remove and return the rows at ``picked`` (sorted positions)."""
@@ -638,8 +643,9 @@ class Batcher:
                 if sequenced:
                     last_seq = np.maximum(last_seq, seqs if all_apply else seqs[apply])
                 now = time.time()
+                conflicts = None
                 if self.store is not None:
-                    failure = await self._write_through(
+                    failure, conflicts = await self._write_through(
                         run_slots, step, last_seq, new_states, output, now
                     )
                 if failure is None:  # only what is stored is applied
@@ -650,6 +656,14 @@ class Batcher:
                     table.step[run_slots] = step
                     table.last_seq[run_slots] = last_seq
                     table.updated[run_slots] = now
+                if conflicts is not None:
+                    # Another replica wrote these sessions since this copy was made: take
+                    # the stored rows and apply the same events to them in the next run.
+                    stale = conflicts.index
+                    self._reload(run_slots[stale], conflicts)
+                    again = stale if all_apply else np.flatnonzero(apply)[stale]
+                    batch, duplicate, slots = self._requeue(batch, duplicate, again)
+                    run_slots = np.delete(run_slots, stale)
 
         self._answer(batch, duplicate, failure)
         table.finish(slots)
@@ -669,8 +683,9 @@ class Batcher:
         states: Sequence[np.ndarray],
         output: np.ndarray,
         now: float,
-    ) -> tuple[Code, str] | None:
-        """Commit a run's new rows in one transaction; the failure to answer when that fails.
+    ) -> tuple[tuple[Code, str] | None, Conflicts | None]:
+        """Commit a run's new rows in one transaction: the failure to answer when that fails,
+        and (shared store) the rows another replica had written first (indices into ``slots``).
 
         Rows deleted while their events were pending are not written back.
         """
@@ -689,12 +704,48 @@ class Batcher:
             table.created[slots],
             np.full(slots.size, now),
         )
+        conflicts = None
         try:
-            await self._store_call(self.store.save, rows)
+            if self.store.shared:
+                conflicts = await self._store_call(
+                    self.store.swap, rows, table.step[slots], table.updated[slots]
+                )
+            else:
+                await self._store_call(self.store.save, rows)
         except StoreUnavailable:
-            return (Code.UNAVAILABLE, STORE_FAILED)
-        self.metrics.store_rows_written.inc(len(rows))
-        return None
+            return (Code.UNAVAILABLE, STORE_FAILED), None
+        if conflicts is None or not conflicts.index.size:
+            self.metrics.store_rows_written.inc(len(rows))
+            return None, None
+        self.metrics.store_rows_written.inc(len(rows) - conflicts.index.size)
+        self.metrics.store_conflicts.inc(conflicts.index.size)
+        if keep is not None:
+            conflicts.index = np.flatnonzero(keep)[conflicts.index]
+        return None, conflicts
+
+    def _reload(self, slots: np.ndarray, conflicts: Conflicts) -> None:
+        """Replace stale rows by the stored ones; a row no longer stored starts from zeros."""
+        table = self.table
+        current = conflicts.current
+        gone = slots
+        if len(current):
+            table.restore(table.lookup(current.session_ids), current, self._layout)
+            gone = np.setdiff1d(slots, table.lookup(current.session_ids))
+        for slot in gone.tolist():  # deleted or expired by another replica
+            table.reset(slot)
+            table.step[slot] = 0
+            table.last_seq[slot] = 0
+
+    def _requeue(
+        self, batch: dict[str, np.ndarray], duplicate: np.ndarray, again: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Put the events at positions ``again`` back first in the pool, still pending;
+        the rest of the batch, its duplicate flags and its slots, to be answered now."""
+        keep = np.ones(duplicate.size, np.bool_)
+        keep[again] = False
+        self._pool.push_front({name: column[again] for name, column in batch.items()})
+        rest = {name: column[keep] for name, column in batch.items()}
+        return rest, duplicate[keep], rest["slots"]
 
     def _answer(
         self,
@@ -705,6 +756,8 @@ class Batcher:
         """Copy each event's result into its request; resolve requests that are complete."""
         table = self.table
         slots, intakes, rows, jobs = batch["slots"], batch["intake"], batch["row"], batch["job"]
+        if not slots.size:  # every event of the run went back to the pool
+            return
         steps = table.step[slots]
         outputs = table.output[slots]
         # Events are in pool order, so each intake's events are contiguous.
@@ -783,9 +836,12 @@ class Batcher:
     # -- session operations (between runs) -------------------------------------------
 
     async def get(self, session_id: str) -> SessionSnapshot | None:
-        """A session in memory, else (with a store) as stored; None when there is none."""
+        """A session in memory, else (with a store) as stored; None when there is none.
+
+        With a shared store, always as stored: another replica may have moved it on.
+        """
         slot = self.table.index.get(session_id)
-        if slot is not None:
+        if slot is not None and not (self.store is not None and self.store.shared):
             return self.table.snapshot(slot)
         rows = await self._load_one(session_id)
         return None if rows is None else self._snapshot_of(rows)

@@ -157,6 +157,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.store_conflicts = Counter(
+            "lstm_store_conflicts",
+            "Event writes refused by a shared store because another replica had written the "
+            "session first; the session was reloaded and the event applied again.",
+            registry=r,
+        )
         self.model_info = Gauge(
             "lstm_model_info",
             "The loaded model (value 1).",

@@ -131,7 +131,7 @@ class Server:
             spec.output_size,
             spec.output_alias,
         )
-        self.store = open_store(s.state_store, s.store_sync, s.store_timeout)
+        self.store = open_store(s.state_store, s.store_sync, s.store_timeout, s.store_ttl)
         if self.store is not None:
             await loop.run_in_executor(None, self.store.open, layout, s.store_reset)
         table = SessionTable(
@@ -186,7 +186,7 @@ class Server:
             s.metrics_bind_host,
             self.metrics_port,
             self.runtime.provider,
-            s.state_store,
+            self.store.url if self.store is not None else "memory",
         )
 
     async def stop(self, grace: float | None = None) -> None:

@@ -67,8 +67,9 @@ class Settings:
     state_store: str = field(
         default="memory",
         metadata={
-            "help": "where sessions live: memory (lost on restart) or sqlite:///path/state.db "
-            "(every answered event is stored first)"
+            "help": "where sessions live: memory (lost on restart), sqlite:///path/state.db "
+            "(every answered event is stored first) or redis://HOST:PORT/DB (shared by "
+            "replicas; every write a compare-and-set)"
         },
     )
     store_sync: str = field(
@@ -86,7 +87,8 @@ class Settings:
     store_timeout: float = field(
         default=1.0,
         metadata={
-            "help": "seconds a store write waits for a lock before the store counts as failing"
+            "help": "seconds a store call may take (SQLite: lock wait; Redis: connect and "
+            "reply) before the store counts as failing"
         },
     )
     store_reset: bool = field(

@@ -5,6 +5,8 @@ worker thread only (never the event loop); every call blocks and either
 succeeds whole or raises ``StoreError`` having changed nothing. To add a store
 (Redis, ...): subclass ``StateStore``, implement its six methods with those
 promises, and give ``open_store`` a URL scheme for it. The batcher needs nothing else.
+A store that other processes write too (``shared``, e.g. Redis) also implements
+``swap``, the compare-and-set write the batcher then uses for events.
 """
 
 from __future__ import annotations
@@ -118,10 +120,23 @@ class StoredRows:
         return len(self.session_ids)
 
 
+@dataclass
+class Conflicts:
+    """Rows a ``swap`` did not write because the stored row had moved on."""
+
+    index: np.ndarray
+    """Positions (int64) in the rows given to ``swap``."""
+    current: StoredRows
+    """The stored rows now, for those of them that exist (absent ones are left out)."""
+
+
 class StateStore(abc.ABC):
     """Where sessions outlive the process. Blocking calls, from one worker thread."""
 
     url: str
+    """Where, for logs (no password)."""
+    shared = False
+    """Other replicas write the same sessions: event writes go through ``swap``."""
 
     @abc.abstractmethod
     def open(self, layout: StoreLayout, start_over: bool) -> None:
@@ -135,6 +150,11 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def save(self, rows: StoredRows) -> None:
         """Create or overwrite these rows, all in one transaction."""
+
+    def swap(self, rows: StoredRows, prev_step: np.ndarray, prev_updated: np.ndarray) -> Conflicts:
+        """Write each row only if its stored row still has ``prev_step`` and ``prev_updated``
+        (step 0: or there is none); one atomic call. Needed when ``shared``."""
+        raise NotImplementedError(f"{type(self).__name__} is not a shared store")
 
     @abc.abstractmethod
     def delete(self, session_ids: Sequence[str]) -> None:
@@ -152,10 +172,22 @@ class StateStore(abc.ABC):
     def close(self) -> None: ...
 
 
-def open_store(url: str, sync: str = "normal", timeout: float = 1.0) -> StateStore | None:
-    """The store a ``--state-store`` URL names; None for ``memory`` (no store)."""
+def open_store(
+    url: str, sync: str = "normal", timeout: float = 1.0, ttl: float = 0.0
+) -> StateStore | None:
+    """The store a ``--state-store`` URL names; None for ``memory`` (no store).
+
+    Nothing is connected or opened yet (``StateStore.open`` does that).
+    """
     if url in ("", "memory"):
         return None
+    if url.startswith(("redis://", "rediss://")):
+        from service.redis_store import RedisStore
+
+        try:
+            return RedisStore(url, timeout, ttl)
+        except ValueError as exc:
+            raise ValueError(f"--state-store {url!r}: {exc}") from exc
     if url.startswith("sqlite://"):
         path = url[len("sqlite://") :]
         if not path:
@@ -163,7 +195,10 @@ def open_store(url: str, sync: str = "normal", timeout: float = 1.0) -> StateSto
                 "--state-store sqlite:// needs a file: sqlite:///var/lib/lstm/state.db"
             )
         return SqliteStore(path, sync, timeout)
-    raise ValueError(f"--state-store {url!r}: expected memory or sqlite:///path/to/state.db")
+    raise ValueError(
+        f"--state-store {url!r}: expected memory, sqlite:///path/to/state.db "
+        "or redis://HOST:PORT/DB"
+    )
 
 
 def check_url(url: str) -> str | None:

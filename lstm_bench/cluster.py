@@ -1,0 +1,194 @@
+"""A scaled deployment on loopback: redis-server, lstm-serve replicas, HAProxy in front.
+
+The tests and the bench start these programs natively, as docker-compose's scaled
+profile runs them; the proxy's configuration is ``deploy/haproxy/haproxy.cfg`` with
+only its listening address and its servers replaced.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from lstm_bench import procs
+
+ROOT = Path(__file__).resolve().parent.parent
+HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for programs that cannot take port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def need(program: str) -> str:
+    path = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
+    if path is None:
+        raise RuntimeError(f"{program} not found: `make tools` installs it (Debian package)")
+    return path
+
+
+class RedisServer:
+    """redis-server on 127.0.0.1 with its data in ``directory``: AOF on, fsync every second.
+
+    ``appendfsync everysec`` writes each command to the file before it is answered, so
+    killing the process loses nothing acknowledged; a crash of the whole machine can
+    lose up to a second (``always`` closes that at an fsync per write).
+    """
+
+    def __init__(self, directory: Path, port: int | None = None, fsync: str = "everysec"):
+        self.directory = directory
+        self.port = port or free_port()
+        self.fsync = fsync
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                need("redis-server"),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                self.fsync,
+                "--save",
+                "",
+                "--logfile",
+                str(self.directory / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not self.ping():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start; see {self.directory}/redis.log")
+            time.sleep(0.02)
+        return self
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_replica(store_url: str, extra: list[str] | None = None) -> procs.Target:
+    """One lstm-serve on free ports, sharing ``store_url``."""
+    return procs.start("server", None, ["--state-store", store_url, *(extra or [])])
+
+
+class Proxy:
+    """HAProxy in master-worker mode with deploy/haproxy/haproxy.cfg, on 127.0.0.1."""
+
+    def __init__(self, directory: Path, backends: list[int], port: int | None = None):
+        self.directory = directory
+        self.port = port or free_port()
+        self.config = directory / "haproxy.cfg"
+        self.proc: subprocess.Popen[str] | None = None
+        self._log: list[str] = []
+        self._write(backends)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _write(self, backends: list[int]) -> None:
+        text = HAPROXY_CFG.read_text()
+        text = re.sub(r"(?m)^(\s*bind )\S+", rf"\g<1>127.0.0.1:{self.port}", text)
+        servers = "".join(
+            f"    server lstm-{i + 1} 127.0.0.1:{port}\n" for i, port in enumerate(backends)
+        )
+        text, n = re.subn(r"(?m)^\s*server-template .*\n", servers, text)
+        assert n == 1, "deploy/haproxy/haproxy.cfg has no server-template line"
+        text = re.sub(r"(?ms)^resolvers docker\n.*?(?=^\S|\Z)", "", text)  # no Docker DNS here
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(text)
+
+    def _loads(self) -> int:
+        return sum("Loading success" in line for line in self._log)
+
+    def _wait_loaded(self, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._loads() < count:
+            if time.monotonic() > deadline or (self.proc and self.proc.poll() is not None):
+                raise RuntimeError("haproxy did not load:\n" + "".join(self._log[-20:]))
+            time.sleep(0.02)
+
+    def start(self) -> Proxy:
+        self.proc = subprocess.Popen(
+            [need("haproxy"), "-W", "-db", "-f", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+        def read(stream: object = self.proc.stderr) -> None:
+            for line in stream:  # type: ignore[attr-defined]
+                self._log.append(line)
+
+        threading.Thread(target=read, daemon=True).start()
+        self._wait_loaded(1)
+        wait_for_port(self.port)
+        return self
+
+    def reload(self, backends: list[int]) -> None:
+        """New servers, as an operator would: rewrite the file, SIGUSR2 to the master."""
+        assert self.proc is not None
+        loads = self._loads()
+        self._write(backends)
+        self.proc.send_signal(signal.SIGUSR2)
+        self._wait_loaded(loads + 1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
