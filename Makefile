@@ -35,12 +35,14 @@ triton-client: $(TRITON_STAMP) ## .venv-triton with tritonclient[grpc] from PyPI
 test: $(STAMP) $(TRITON_STAMP) tools ## run the test suite (unit, property and end-to-end)
 	$(BIN)/python -m pytest -q
 
-tools: ## system programs the tests run (openssl, prometheus + promtool); apt-get if missing
+tools: ## system programs the tests run (openssl, prometheus, redis-server, haproxy); apt-get if missing
 	@missing=""; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	PATH="$$PATH:/usr/sbin" command -v haproxy >/dev/null 2>&1 || missing="$$missing haproxy"; \
 	if [ -n "$$missing" ]; then \
-		echo "installing$$missing (test certificates; Prometheus and promtool for deploy/)"; \
+		echo "installing$$missing (test certificates; Prometheus, Redis, HAProxy for deploy/)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends $$missing >/dev/null; fi
 
