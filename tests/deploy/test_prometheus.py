@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import os
 import shutil
 import socket
@@ -97,6 +98,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[procs.Targ
     config = (PROMETHEUS_DIR / "prometheus.yml").read_text()
     assert '["lstm-stream:9464"]' in config
     config = config.replace('["lstm-stream:9464"]', f'["127.0.0.1:{target.metrics_port}"]')
+    config = re.sub(r"(?ms)^    # the scaled.*?port: 9464\n", "", config)  # no Docker DNS here
+    assert "dns_sd_configs" not in config
     config = config.replace("scrape_interval: 5s", "scrape_interval: 1s")
     (work / "prometheus.yml").write_text(config)
     shutil.copy(PROMETHEUS_DIR / "alerts.yml", work / "alerts.yml")
