@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from lstm_bench import procs
+from lstm_bench import cluster, procs
 from lstm_bench.load import EOF, Shape, worker_main
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
@@ -221,6 +221,10 @@ API_SCENARIOS = {
 """One event per request over 16 streams: the native per-event form and Triton's stream."""
 STORED = "server-sqlite"
 STORE_SCENARIO = "columnar-16x16"
+REDIS = "server-redis"
+"""One replica writing through to a local redis-server (AOF, fsync every second)."""
+PROXIED = "2-replicas-proxy"
+"""Two replicas sharing Redis behind HAProxy; each stream routed by its own key."""
 
 
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
@@ -241,6 +245,12 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     store_args = [f"--state-store=sqlite://{store_dir.name}/state.db", "--store-sync=normal"]
     started[STORED] = procs.start("server", server_cpus, [*args.server_arg, *store_args])
     started[STORED].kind = STORED
+    # The same load through the scaled deployment's parts (docs/SCALING.md).
+    base = Path(store_dir.name)
+    for kind, n, proxied in ((REDIS, 1, False), (PROXIED, 2, True)):
+        started[kind] = cluster.start_deployment(
+            kind, base / kind, n, proxied, args.server_arg, server_cpus
+        )
 
     def run(kind: str, scenario: str, shape: Shape, label: str, rep: int = 0) -> dict[str, Any]:
         figures = measure(started[kind], shape, label, args.client_procs, client_cpus)
@@ -256,8 +266,9 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     label = f"{kind} {name} #{rep + 1}"
                     run(kind, name, dataclasses.replace(shape, **timing), label, rep)
-            shape = dataclasses.replace(SCENARIOS[STORE_SCENARIO], **timing)
-            run(STORED, STORE_SCENARIO, shape, f"{STORED} {STORE_SCENARIO} #{rep + 1}", rep)
+            shape = dataclasses.replace(SCENARIOS[STORE_SCENARIO], routed=True, **timing)
+            for kind in (STORED, REDIS, PROXIED):
+                run(kind, STORE_SCENARIO, shape, f"{kind} {STORE_SCENARIO} #{rep + 1}", rep)
             for name, shape in API_SCENARIOS.items():  # the two APIs, same load, same server
                 shape = dataclasses.replace(shape, **timing)
                 run("server", name, shape, f"server {name} #{rep + 1}", rep)
@@ -388,6 +399,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "holds": ratio >= 0.5,
             }
         )
+    for kind, what in (
+        (REDIS, "columnar with --state-store redis (1 replica): events/s vs memory"),
+        (PROXIED, "columnar, 2 replicas + Redis behind HAProxy: events/s vs 1 memory replica"),
+    ):
+        if any(r["target"] == kind for r in results["runs"]):
+            ratio = (
+                run(kind, STORE_SCENARIO)["events_per_s"]
+                / run("server", STORE_SCENARIO)["events_per_s"]
+            )
+            rows.append({"target": what, "goal": "(reported)", "measured": ratio, "holds": None})
     if any(r["scenario"] == "oip-1x16" for r in results["runs"]):
         ratio = run("server", "oip-1x16")["events_per_s"] / max(
             run("server", "events-1x16")["events_per_s"], 1e-9

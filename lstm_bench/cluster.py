@@ -117,9 +117,99 @@ class RedisServer:
                 self.kill()
 
 
-def start_replica(store_url: str, extra: list[str] | None = None) -> procs.Target:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all threads; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / procs.CLOCK_TICKS
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+class Deployment(procs.Target):
+    """Replicas (and the Redis and proxy they need) measured as one target: CPU and RSS
+    summed over every process, metrics summed over the replicas; the address is the
+    proxy's, or the only replica's."""
+
+    def __init__(
+        self,
+        kind: str,
+        replicas: list[procs.Target],
+        redis: RedisServer,
+        proxy: Proxy | None = None,
+    ):
+        front = proxy.port if proxy is not None else replicas[0].port
+        super().__init__(kind, None, front, None)
+        self.replicas = replicas
+        self.redis = redis
+        self.proxy = proxy
+
+    def pids(self) -> list[int]:
+        out = [r.proc.pid for r in self.replicas if r.proc is not None]
+        if self.redis.proc is not None:
+            out.append(self.redis.proc.pid)
+        if self.proxy is not None and self.proxy.proc is not None:
+            out += [self.proxy.proc.pid, *children(self.proxy.proc.pid)]
+        return out
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.pids())
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    match = re.search(r"VmRSS:\s+(\d+) kB", f.read())
+            except OSError:
+                continue
+            total += int(match.group(1)) * 1024 if match else 0
+        return total
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for replica in self.replicas:
+            for key, value in replica.metrics().items():
+                out[key] = out.get(key, 0.0) + value
+        return out
+
+    def stop(self) -> int:
+        if self.proxy is not None:
+            self.proxy.stop()
+        codes = [r.stop() for r in self.replicas]
+        self.redis.stop()
+        return max(codes, default=0)
+
+
+def start_replica(
+    store_url: str, extra: list[str] | None = None, cpus: set[int] | None = None
+) -> procs.Target:
     """One lstm-serve on free ports, sharing ``store_url``."""
-    return procs.start("server", None, ["--state-store", store_url, *(extra or [])])
+    return procs.start("server", cpus, ["--state-store", store_url, *(extra or [])])
+
+
+def start_deployment(
+    kind: str,
+    directory: Path,
+    replicas: int,
+    proxy: bool,
+    extra: list[str] | None = None,
+    cpus: set[int] | None = None,
+) -> Deployment:
+    """Redis, ``replicas`` lstm-serve sharing it (on ``cpus``), and HAProxy in front."""
+    redis = RedisServer(directory / "redis").start()
+    started = [start_replica(redis.url, extra, cpus) for _ in range(replicas)]
+    front = Proxy(directory / "proxy", [r.port for r in started]).start() if proxy else None
+    return Deployment(kind, started, redis, front)
 
 
 class Proxy:

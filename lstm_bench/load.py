@@ -37,6 +37,9 @@ class Shape:
     warmup: float = 1.0
     event_size: int = 32
     session_prefix: str = "bench"
+    routed: bool = False
+    """Each stream sends an ``x-session-id`` routing key of its own (its sessions are its
+    own), so a hashing proxy keeps all of a stream's sessions on one replica."""
 
 
 @dataclass
@@ -102,7 +105,8 @@ async def _stream(
         request_serializer=None,
         response_deserializer=None,
     )
-    call = method()  # type: ignore[call-arg]
+    key = f"{shape.session_prefix}-stream-{stream}"
+    call = method(metadata=(("x-session-id", key),) if shape.routed else None)  # type: ignore[call-arg]
     requests = build_requests(shape, stream)
     sent: deque[float] = deque()
     done = asyncio.Event()

@@ -49,7 +49,10 @@ def test_bench_suite_smoke(tmp_path: Path) -> None:
     assert ("server", "oip-1x16") in kinds and ("server", "events-1x16") in kinds
     oip = next(r for r in results["runs"] if r["scenario"] == "oip-1x16")
     assert oip["events_per_s"] > 0 and oip["errors"] == 0
-    assert len(results["targets"]) == 9
+    for kind in ("server-redis", "2-replicas-proxy"):  # the scaled deployment's parts
+        run = next(r for r in results["runs"] if r["target"] == kind)
+        assert run["events_per_s"] > 0 and run["errors"] == 0 and run["mean_batch"] >= 1
+    assert len(results["targets"]) == 11
     assert any("sqlite" in t["target"] for t in results["targets"])
     assert "| target | goal | measured | holds |" in (tmp_path / "table.md").read_text()
     for png in ("throughput_vs_streams.png", "latency_open_loop.png"):
