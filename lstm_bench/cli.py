@@ -102,6 +102,11 @@ def measure(
         "server_cpu_us_per_event": server_cpu / max(events_in_window, 1) * 1e6,
         "server_rss_mb": target.rss_bytes() / 2**20,
         "mean_batch": delta("lstm_batch_size_sum") / batches if batches else None,
+        "store_calls_per_s": sum(
+            delta(k) for k in m1 if k.startswith("lstm_store_duration_seconds_count")
+        )
+        / elapsed,
+        "store_conflicts": delta("lstm_store_conflicts_total"),
         "inference_share": (
             delta("lstm_inference_cpu_seconds_total") / server_cpu
             if batches and server_cpu > 0
@@ -309,6 +314,55 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "runs": runs,
         "memory": memory,
     }
+
+
+SCALE_KINDS = ("server", REDIS, PROXIED)
+
+
+def run_scale(args: argparse.Namespace) -> dict[str, Any]:
+    """The columnar target load on one in-memory server, one replica on Redis and two
+    replicas on Redis behind HAProxy, interleaved ``--repeat`` times (docs/SCALING.md)."""
+    server_cpus, client_cpus = cpu_split(not args.no_pin)
+    shape = dataclasses.replace(
+        SCENARIOS[STORE_SCENARIO], routed=True, duration=args.duration, warmup=args.warmup
+    )
+    work = tempfile.TemporaryDirectory(prefix="lstm-bench-")
+    started: dict[str, procs.Target] = {}
+    runs: list[dict[str, Any]] = []
+    try:
+        started["server"] = procs.start("server", server_cpus, args.server_arg)
+        for kind, n, proxied in ((REDIS, 1, False), (PROXIED, 2, True)):
+            started[kind] = cluster.start_deployment(
+                kind, Path(work.name) / kind, n, proxied, args.server_arg, server_cpus
+            )
+        for rep in range(args.repeat):
+            for kind in SCALE_KINDS[rep % 3 :] + SCALE_KINDS[: rep % 3]:
+                label = f"{kind} {STORE_SCENARIO} #{rep + 1}"
+                figures = measure(started[kind], shape, label, args.client_procs, client_cpus)
+                runs.append({"scenario": STORE_SCENARIO, "rep": rep, **figures})
+    finally:
+        for target in started.values():
+            target.stop()
+        work.cleanup()
+    return {"settings": {k: str(v) for k, v in vars(args).items()}, "runs": runs}
+
+
+def scale_table(results: dict[str, Any]) -> str:
+    memory = median_run(results["runs"], "server", STORE_SCENARIO)["events_per_s"]
+    lines = [
+        "| deployment | events/s | vs memory | CPU µs/event (all processes) | mean batch "
+        "| p50 ms | p99 ms | store calls/s | CAS conflicts |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in SCALE_KINDS:
+        r = median_run(results["runs"], kind, STORE_SCENARIO)
+        lines.append(
+            f"| {kind} | {r['events_per_s']:,.0f} | {r['events_per_s'] / memory:.2f} "
+            f"| {r['server_cpu_us_per_event']:.1f} | {r['mean_batch'] or 0:.1f} "
+            f"| {r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} "
+            f"| {r['store_calls_per_s']:,.0f} | {r['store_conflicts']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def median_run(runs: list[dict[str, Any]], target: str, scenario: str) -> dict[str, Any]:
@@ -534,6 +588,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--suite", action="store_true", help="run every scenario and target (make bench)"
     )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="the columnar load on memory, one replica on Redis, two behind HAProxy "
+        "(needs redis-server and haproxy)",
+    )
     parser.add_argument("--echo", action="store_true", help="one scenario against the echo server")
     parser.add_argument(
         "--pipelined",
@@ -575,6 +635,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.scale:
+        results = run_scale(args)
+        text = scale_table(results)
+        (args.out / "scale.json").write_text(json.dumps(results, indent=2, default=str))
+        (args.out / "scale.md").write_text(text + "\n")
+        print(text)
+        print(f"\nwrote {args.out / 'scale.json'}, {args.out / 'scale.md'}")
+        return 0
     if args.suite:
         results = run_suite(args)
         text = table(results)

@@ -82,7 +82,8 @@ def redact(url: str) -> str:
 class RedisStore(StateStore):
     """Sessions in one Redis database (``redis://HOST:PORT/DB`` or ``rediss://`` for TLS).
 
-    Blocking calls on one connection from the store thread; every call is one round trip.
+    Blocking calls from the store thread (so one pooled connection); every call is one
+    round trip.
     """
 
     shared = True
@@ -104,8 +105,7 @@ class RedisStore(StateStore):
             socket_timeout=timeout or None,
             socket_connect_timeout=timeout or None,
             retry=Retry(NoBackoff(), 0),
-            single_connection_client=True,
-        )
+        )  # connects at the first call (open), not here
         self._swap = self.db.register_script(SWAP_LUA)
 
     def _fail(self, what: str, exc: BaseException) -> StoreError:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from service.server import Server
+from tests.conftest import ServerFactory
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -17,12 +18,16 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
-async def test_readme_python_examples_run(server: Server, tmp_path: Path) -> None:
+async def test_readme_python_examples_run(
+    server: Server, start_server: ServerFactory, tmp_path: Path
+) -> None:
+    second = await start_server()  # the second replica of the sharding example
     blocks = python_blocks()
     assert len(blocks) >= 2
     outputs = []
     for block in blocks:
         code = block.replace("127.0.0.1:50051", f"127.0.0.1:{server.port}")
+        code = code.replace("127.0.0.1:50052", f"127.0.0.1:{second.port}")
         # In a thread: the server under test runs on this event loop.
         result = await asyncio.to_thread(
             subprocess.run,
@@ -39,6 +44,7 @@ async def test_readme_python_examples_run(server: Server, tmp_path: Path) -> Non
     assert "library stream step 3 SERVING" in text
     assert "columnar: (1000, 64) all ok: True" in text
     assert "stream step 4" in text
+    assert "sharded: True [1, 1, 1] True" in text
     assert (tmp_path / "params.npz").exists()
 
 

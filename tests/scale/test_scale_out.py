@@ -7,6 +7,7 @@ processes; the proxy runs deploy/haproxy/haproxy.cfg with only its addresses rep
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from lstm_bench import procs
-from lstm_bench.cluster import Proxy, RedisServer, start_replica
-from lstm_stream import AsyncClient
+from lstm_bench.cluster import Proxy, RedisServer, free_port, start_replica
+from lstm_stream import AsyncClient, ShardedClient, rendezvous
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
 from model_export import lstm
@@ -297,3 +298,37 @@ async def test_acknowledged_state_survives_a_redis_restart(
                 assert_state(await stub.GetSession(pb.SessionRef(session_id=sid)), x)
     finally:
         redis.stop()
+
+
+def test_the_sharded_client_keeps_each_session_on_its_rendezvous_owner(cluster: Cluster) -> None:
+    replicas = [cluster.add_replica(), cluster.add_replica()]
+    ids = [f"gw-{k}" for k in range(64)]
+    x = events(np.random.default_rng(9), 2 * len(ids)).reshape(2, len(ids), E)
+    ref = Reference()
+    with ShardedClient([r.address for r in replicas]) as client:
+        owners = [rendezvous(sid, client.addresses) for sid in ids]
+        r = client.step_many(ids, x[0])
+        assert r.ok and r.steps.tolist() == [1] * len(ids)
+        for i, sid in enumerate(ids):
+            np.testing.assert_allclose(r.outputs[i], ref.step(sid, x[0][i]), atol=1e-5)
+    for k, replica in enumerate(replicas):  # each session lives on its owner only
+        assert counter(replica, "lstm_live_sessions") == owners.count(k)
+    replicas.append(cluster.add_replica())
+    with ShardedClient([r.address for r in replicas]) as client:
+        r = client.step_many(ids, x[1])
+        assert r.ok and r.steps.tolist() == [2] * len(ids)
+        for i, sid in enumerate(ids):
+            np.testing.assert_allclose(r.outputs[i], ref.step(sid, x[1][i]), atol=1e-5)
+        moved = [rendezvous(sid, client.addresses) == 2 for sid in ids]
+    # Adding an address moves only the sessions the new one wins; they come from Redis.
+    assert 0 < sum(moved) < len(ids)
+    assert counter(replicas[2], RESTORED) == sum(moved)
+    assert [counter(r, RESTORED) for r in replicas[:2]] == [0, 0]
+
+
+def test_a_replica_without_its_redis_refuses_to_start() -> None:
+    command = [*procs.server_command(), "--state-store", f"redis://127.0.0.1:{free_port()}/0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "cannot open state store redis://127.0.0.1:" in done.stderr
+    assert "Connection refused" in done.stderr
