@@ -55,6 +55,7 @@ def measure(
     while progress.value == 0 and time.monotonic() - t0 < 30:
         time.sleep(0.01)
     time.sleep(shape.warmup)
+    roles0 = target.cpu_by_role()
     cpu0, m0, t_start = target.cpu_seconds(), target.metrics(), time.monotonic()
     last, last_t = progress.value, t_start
     while time.monotonic() - t_start < shape.duration:
@@ -69,6 +70,7 @@ def measure(
             flush=True,
         )
     cpu1, m1, t_end = target.cpu_seconds(), target.metrics(), time.monotonic()
+    roles1 = target.cpu_by_role()
     results = [out.get(timeout=120) for _ in workers]
     for w in workers:
         w.join(timeout=30)
@@ -101,6 +103,10 @@ def measure(
         "server_cpu_util": server_cpu / elapsed,
         "server_cpu_us_per_event": server_cpu / max(events_in_window, 1) * 1e6,
         "server_rss_mb": target.rss_bytes() / 2**20,
+        "cpu_us_per_event_by_role": {
+            role: (roles1[role] - roles0.get(role, 0.0)) / max(events_in_window, 1) * 1e6
+            for role in roles1
+        },
         "mean_batch": delta("lstm_batch_size_sum") / batches if batches else None,
         "store_calls_per_s": sum(
             delta(k) for k in m1 if k.startswith("lstm_store_duration_seconds_count")
@@ -351,8 +357,8 @@ def scale_table(results: dict[str, Any]) -> str:
     memory = median_run(results["runs"], "server", STORE_SCENARIO)["events_per_s"]
     lines = [
         "| deployment | events/s | vs memory | CPU µs/event (all processes) | mean batch "
-        "| p50 ms | p99 ms | store calls/s | CAS conflicts |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| p50 ms | p99 ms | store calls/s | CAS conflicts | CPU µs/event by process |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in SCALE_KINDS:
         r = median_run(results["runs"], kind, STORE_SCENARIO)
@@ -360,7 +366,9 @@ def scale_table(results: dict[str, Any]) -> str:
             f"| {kind} | {r['events_per_s']:,.0f} | {r['events_per_s'] / memory:.2f} "
             f"| {r['server_cpu_us_per_event']:.1f} | {r['mean_batch'] or 0:.1f} "
             f"| {r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} "
-            f"| {r['store_calls_per_s']:,.0f} | {r['store_conflicts']:.0f} |"
+            f"| {r['store_calls_per_s']:,.0f} | {r['store_conflicts']:.0f} | "
+            + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_us_per_event_by_role"].items())
+            + " |"
         )
     return "\n".join(lines)
 

@@ -164,6 +164,15 @@ class Deployment(procs.Target):
     def cpu_seconds(self) -> float:
         return sum(cpu_seconds(pid) for pid in self.pids())
 
+    def cpu_by_role(self) -> dict[str, float]:
+        out = {"replicas": sum(cpu_seconds(r.proc.pid) for r in self.replicas if r.proc)}
+        if self.redis.proc is not None:
+            out["redis"] = cpu_seconds(self.redis.proc.pid)
+        if self.proxy is not None and self.proxy.proc is not None:
+            pid = self.proxy.proc.pid
+            out["proxy"] = cpu_seconds(pid) + sum(cpu_seconds(c) for c in children(pid))
+        return out
+
     def rss_bytes(self) -> int:
         total = 0
         for pid in self.pids():

@@ -32,6 +32,10 @@ class Target:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds per part of the target (one part here; a deployment has several)."""
+        return {"server": self.cpu_seconds()}
+
     def rss_bytes(self) -> int:
         if self.proc is None:
             return 0
