@@ -185,6 +185,7 @@ async def test_prometheus_scrapes_and_every_dashboard_query_has_data(
         "LstmStreamLatencyHigh",
         "LstmStreamSessionsNearCap",
         "LstmStreamStoreFailing",
+        "LstmStreamStoreConflicts",
     ]
     assert all(r["health"] == "ok" for r in rules[0]["rules"]), rules
 
