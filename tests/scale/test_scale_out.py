@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2
 
 from lstm_bench import procs
 from lstm_bench.cluster import Proxy, RedisServer, free_port, start_replica
-from lstm_stream import AsyncClient, ShardedClient, rendezvous
+from lstm_stream import AsyncClient, Client, ShardedClient, rendezvous
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
 from model_export import lstm
@@ -208,7 +208,9 @@ async def test_a_replica_killed_mid_stream_loses_nothing(cluster: Cluster) -> No
         async with AsyncClient(proxy.address, window=1) as client:
             steps = [
                 int(r.steps[0])
-                async for r in client.stream(([sid], x[i : i + 1]) for i in range(len(x)))
+                async for r in client.stream(
+                    (([sid], x[i : i + 1]) for i in range(len(x))), session_id=sid
+                )
             ]
         assert steps == list(range(1, len(x) + 1))
         return 0
@@ -332,3 +334,26 @@ def test_a_replica_without_its_redis_refuses_to_start() -> None:
     assert done.returncode == 1
     assert "cannot open state store redis://127.0.0.1:" in done.stderr
     assert "Connection refused" in done.stderr
+
+
+def test_the_client_library_routes_each_session_to_one_replica(cluster: Cluster) -> None:
+    """Client sends x-session-id on single-session calls; without it HAProxy would spread
+    a session's calls round robin over the replicas."""
+    for _ in range(3):
+        cluster.add_replica()
+    proxy = cluster.start_proxy()
+    ids = [f"car-{k}" for k in range(16)]
+    x = events(np.random.default_rng(2), 3 * len(ids)).reshape(3, len(ids), E)
+    ref = Reference()
+    with Client(proxy.address) as client:
+        for k in range(3):
+            for i, sid in enumerate(ids):
+                out = client.step(sid, x[k][i])
+                np.testing.assert_allclose(out, ref.step(sid, x[k][i]), atol=1e-5)
+        assert client.get_session(ids[0]).step == 3
+        client.reset_session(ids[1])
+        client.delete_session(ids[2])
+    live = [counter(r, "lstm_live_sessions") for r in cluster.replicas]
+    assert sum(live) == len(ids) - 1  # each session on one replica; one deleted
+    assert sum(counter(r, CONFLICTS) for r in cluster.replicas) == 0
+    assert sum(counter(r, RESTORED) for r in cluster.replicas) == 0
