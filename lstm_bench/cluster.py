@@ -58,6 +58,8 @@ class RedisServer:
 
     def __init__(self, directory: Path, port: int | None = None, fsync: str = "everysec"):
         self.directory = directory
+        self._pick_port = port is None
+        """A port picked here may be taken by another program before Redis binds it."""
         self.port = port or free_port()
         self.fsync = fsync
         self.proc: subprocess.Popen[bytes] | None = None
@@ -67,6 +69,15 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        """Start (or restart, on the same port and files) and wait until it answers."""
+        for _ in range(3 if self._pick_port else 1):
+            if self._start():
+                self._pick_port = False  # a restart keeps the port its clients know
+                return self
+            self.port = free_port()
+        raise RuntimeError(f"redis-server did not start; see {self.directory}/redis.log")
+
+    def _start(self) -> bool:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
@@ -91,17 +102,28 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while not self.ping():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start; see {self.directory}/redis.log")
+                self.kill()
+                return False
             time.sleep(0.02)
-        return self
+        return True
 
     def ping(self) -> bool:
+        """Whether *this* redis-server answers on the port (not another one holding it)."""
+        if self.proc is None:
+            return False
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                s.sendall(b"INFO server\r\n")
+                reply = b""
+                while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    reply += chunk
         except OSError:
             return False
+        match = re.search(rb"process_id:(\d+)", reply)
+        return match is not None and int(match.group(1)) == self.proc.pid
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
