@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -16,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from service.batcher import Batcher, BatcherClosed, EventBlock, Job
+from service.codec import encode_results, event_values
 from service.errors import ClientGone, ServiceError, Undecodable, rpc, status_of
 from service.metrics import Metrics
 from service.runtime import ModelSpec
@@ -85,7 +85,7 @@ class LstmStreamServicer:
     @rpc("Step")
     async def Step(
         self, request: pb.StepRequest, context: grpc.aio.ServicerContext, ns: str
-    ) -> pb.StepResponse:
+    ) -> pb.StepResponse | bytes:
         begun = self._begin(request, ns)  # refused by the batcher once it drains
         await begun.job.future
         return self._response(begun)
@@ -202,17 +202,15 @@ class LstmStreamServicer:
         if not n:
             return EventBlock([], np.zeros((0, e), np.float32))
         # One pass over the messages; the columns are then built from plain tuples.
-        ids, seq_list, reset_list, value_lists = zip(
-            *[(ev.session_id, ev.seq, ev.reset, ev.values) for ev in events]
+        ids, seq_list, reset_list, lengths = zip(
+            *[(ev.session_id, ev.seq, ev.reset, len(ev.values)) for ev in events]
         )
         seqs = np.array(seq_list, np.uint64) if any(seq_list) else None
         resets = np.array(reset_list, np.bool_) if any(reset_list) else None
         bad: dict[int, str] | None = None
-        lengths = list(map(len, value_lists))
         if lengths.count(e) == n:
-            values = np.fromiter(
-                itertools.chain.from_iterable(value_lists), np.float32, n * e
-            ).reshape(n, e)
+            request.DiscardUnknownFields()  # nothing may follow the values (codec.event_values)
+            values = event_values(events, reset_list, e)
         else:
             values = np.zeros((n, e), np.float32)
             bad = {}
@@ -246,7 +244,8 @@ class LstmStreamServicer:
         # One str per id, made once: the table keeps these very objects for new sessions.
         return EventBlock(list(batch.session_ids), values, seqs, resets)
 
-    def _response(self, begun: _Begun) -> pb.StepResponse:
+    def _response(self, begun: _Begun) -> pb.StepResponse | bytes:
+        """The answer to a request: a message (columnar) or its bytes (per-event form)."""
         job = begun.job
         if begun.columnar:
             errors = job.errors
@@ -260,35 +259,28 @@ class LstmStreamServicer:
                 )
             )
         block = begun.block
-        ids = begun.ids
         seqs = block.seqs.tolist() if block.seqs is not None else [0] * job.n
-        steps, dups, outputs = job.steps.tolist(), job.duplicates.tolist(), job.outputs.tolist()
-        response = pb.StepResponse()
-        add = response.results.add
-        for i in range(job.n):
-            add(session_id=ids[i], seq=seqs[i], step=steps[i], output=outputs[i], duplicate=dups[i])
-        results = response.results
-        for i, message in job.errors.items():
-            r = results[i]
-            r.code = int(job.codes[i])
-            r.error = message
-            del r.output[:]
+        failed = {i: (int(job.codes[i]), message) for i, message in job.errors.items()}
+        hidden = cell = None
         if job.states is not None:
             hidden, cell = (
                 self._named_state(job.states, "hidden"),
                 self._named_state(job.states, "cell"),
             )
-            for i, r in enumerate(results):
-                if i not in job.errors:
-                    if hidden is not None:
-                        r.hidden.extend(hidden[i])
-                    if cell is not None:
-                        r.cell.extend(cell[i])
-        return response
+        return encode_results(
+            begun.ids,
+            seqs,
+            job.steps.tolist(),
+            job.outputs,
+            job.duplicates.tolist(),
+            failed,
+            hidden,
+            cell,
+        )
 
-    def _named_state(self, states: list[np.ndarray], name: str) -> list[list[float]] | None:
+    def _named_state(self, states: list[np.ndarray], name: str) -> np.ndarray | None:
         i = self._state_index.get(name)
-        return None if i is None else states[i].tolist()
+        return None if i is None else states[i]
 
     # -- session RPCs ------------------------------------------------------------------
 
@@ -396,7 +388,7 @@ class LstmStreamServicer:
         )
 
 
-async def _send(context: grpc.aio.ServicerContext, response: pb.StepResponse) -> None:
+async def _send(context: grpc.aio.ServicerContext, response: pb.StepResponse | bytes) -> None:
     """Write one response; a write fails only once the call is over from the client's side."""
     try:
         await context.write(response)
@@ -425,10 +417,20 @@ def register(servicer: object, server: grpc.aio.Server, module: ModuleType, serv
         handlers[method.name] = kind(
             getattr(servicer, method.name),
             request_deserializer=_parser(request_type),
-            response_serializer=response_type.SerializeToString,
+            response_serializer=_serializer(response_type),
         )
     generic = grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
     server.add_generic_rpc_handlers((generic,))
+
+
+def _serializer(message_type: type[Message]) -> Callable[[object], bytes]:
+    """``SerializeToString``, except for answers the servicer has already written as bytes."""
+    serialize = message_type.SerializeToString
+
+    def write(message: object) -> bytes:
+        return message if isinstance(message, bytes) else serialize(message)  # type: ignore[arg-type]
+
+    return write
 
 
 def _parser(message_type: type[Message]) -> Callable[[bytes], object]:
