@@ -74,7 +74,10 @@ class EventBlock:
 
 
 class Job:
-    """One request in flight; ``future`` resolves (to the job) when every event is answered.
+    """One request in flight; ``future`` resolves (to None) when every event is answered.
+
+    None rather than the job: a future holding the job that holds it is a
+    reference cycle per request, left to the garbage collector (docs/PERFORMANCE.md).
 
     The result arrays are views into arrays shared by every request admitted in
     the same intake, so a request costs no allocation of its own.
@@ -95,7 +98,7 @@ class Job:
         "t0",
     )
 
-    def __init__(self, block: EventBlock, include_state: bool, future: asyncio.Future[Job]):
+    def __init__(self, block: EventBlock, include_state: bool, future: asyncio.Future[None]):
         self.block = block
         self.n = len(block.session_ids)
         self.include_state = include_state
@@ -345,7 +348,7 @@ class Batcher:
                 job.states = [s[lo:hi] for s in intake.states]
         if n == 0:
             for job in jobs:
-                job.future.set_result(job)
+                job.future.set_result(None)
             return
 
         blocks = [job.block for job in jobs]
@@ -404,7 +407,7 @@ class Batcher:
         for job, remaining in zip(jobs, per_job):
             job.remaining = remaining
             if not remaining:
-                job.future.set_result(job)
+                job.future.set_result(None)
         if accepted is not None and not accepted.size:
             return
         self._intakes[key] = intake
@@ -839,7 +842,7 @@ class Batcher:
                         job.errors[i - intake.starts[j]] = failure[1]
                 job.remaining -= count
                 if job.remaining == 0:
-                    job.future.set_result(job)
+                    job.future.set_result(None)
                     finished += 1
             if finished and all(jb.remaining == 0 for jb in intake.jobs):
                 del self._intakes[key]
@@ -865,7 +868,7 @@ class Batcher:
                 for i in np.flatnonzero(unanswered[lo:hi]).tolist():
                     job.fail(i, Code.INTERNAL, message)
                 job.remaining = 0
-                job.future.set_result(job)
+                job.future.set_result(None)
         self._intakes.clear()
 
     @staticmethod
@@ -880,7 +883,7 @@ class Batcher:
             job.duplicates = np.zeros(job.n, np.bool_)
             job.states = None
             job.errors = dict.fromkeys(range(job.n), message)
-            job.future.set_result(job)
+            job.future.set_result(None)
 
     # -- session operations (between runs) -------------------------------------------
 

@@ -337,9 +337,10 @@ GC_YOUNG_THRESHOLD = 10_000
 def tune_gc() -> None:
     """Collect less often what serving allocates, and never rescan what startup built.
 
-    Every request allocates short-lived objects (futures, messages, small arrays);
-    at the default threshold, collecting them took 9-10% of the server's time with
-    256 streams of one event per request, 3% with this one (docs/PERFORMANCE.md).
+    Requests in flight keep many young objects alive (futures, tasks, messages);
+    at the default threshold, collections took 7-10% of the server's time with 256
+    streams of one event per request, and none ran in 4 s with this one
+    (docs/PERFORMANCE.md).
     Objects alive once the model is loaded (modules, the graph, gRPC's machinery)
     live as long as the process: ``gc.freeze`` takes them out of every collection.
     Session state is never tracked by the collector (numpy rows, str ids, int slots).
