@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import numpy as np
 import pytest
@@ -161,3 +162,27 @@ async def test_outputs_of_undeclared_shapes_fail_the_batch_and_keep_state() -> N
     np.testing.assert_array_equal(after.states[0], before.states[0])
     assert batcher.table.pending[: batcher.table.capacity].sum() == 0
     await batcher.stop()
+
+
+async def test_answered_requests_leave_no_garbage_cycles(runtime: Runtime) -> None:
+    """Freed by reference counting alone: the collector has nothing of ours to find,
+    so its cost does not grow with requests in flight (docs/PERFORMANCE.md)."""
+    batcher = make(runtime)
+    batcher.start()
+    xs = events(np.random.default_rng(5), 4)
+    await batcher.submit(block(["a", "b", "a", "c"], xs)).future  # type: ignore[misc]
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for k in range(20):
+            jobs = [batcher.submit(block([f"s{k}", "a"], xs[:2])) for _ in range(3)]
+            await asyncio.gather(*(j.future for j in jobs))  # type: ignore[arg-type]
+            del jobs
+        gc.collect()
+        ours = [o for o in gc.garbage if type(o).__module__.startswith("service")]
+        futures = [o for o in gc.garbage if isinstance(o, asyncio.Future)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        await batcher.stop()
+    assert not ours and not futures
