@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
-from service.codec import encode_results, event_values, varint
+from service.codec import BYTES_FROM, encode_results, event_values, varint
 from service.server import Server
 
 from .reference import Reference
@@ -91,7 +91,7 @@ def test_varint_matches_protobuf(value: int) -> None:
 @st.composite
 def event_lists(draw: st.DrawFn) -> tuple[list[pb.Event], int]:
     size = draw(st.sampled_from([1, 2, 32]))
-    n = draw(st.integers(1, 6))
+    n = draw(st.integers(1, BYTES_FROM + 4))  # both ways of reading them
     events = [
         pb.Event(
             session_id=draw(IDS),
@@ -120,13 +120,14 @@ def with_unknown_field(event: pb.Event) -> pb.Event:
 
 
 def test_unknown_fields_after_the_values_are_not_read_as_values() -> None:
+    n = BYTES_FROM + 2
     rng = np.random.default_rng(3)
-    values = rng.standard_normal((3, 4)).astype(np.float32)
+    values = rng.standard_normal((n, 4)).astype(np.float32)
     events = [
         with_unknown_field(pb.Event(session_id=f"s{i}", values=v)) for i, v in enumerate(values)
     ]
     # Not discarded: the tag check sees the unknown field and the values are read one by one.
-    np.testing.assert_array_equal(event_values(events, [False] * 3, 4), values)
+    np.testing.assert_array_equal(event_values(events, [False] * n, 4), values)
 
 
 def unpacked_event(session_id: str, values: np.ndarray, unknown: bool) -> bytes:
