@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -40,14 +41,25 @@ class BulkHistogram(Collector):
         self._name = name
         self._doc = documentation
         self._bounds = np.asarray(buckets, np.float64)
+        self._bound_list = self._bounds.tolist()
         self._counts = np.zeros(len(buckets) + 1, np.int64)
         self._sum = 0.0
         self._lock = threading.Lock()
+
+    SMALL = 8
+    """Up to this many values are placed one by one: cheaper than the numpy calls."""
 
     def observe_many(self, values: np.ndarray) -> None:
         if values.size == 0:
             return
         # "le" buckets: a value equal to a bound belongs to that bound's bucket.
+        if values.size <= self.SMALL:
+            numbers = values.tolist()
+            with self._lock:
+                for v in numbers:
+                    self._counts[bisect_left(self._bound_list, v)] += 1
+                self._sum += sum(numbers)
+            return
         idx = np.searchsorted(self._bounds, values, side="left")
         counts = np.bincount(idx, minlength=self._counts.size)
         with self._lock:

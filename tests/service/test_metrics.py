@@ -8,10 +8,15 @@ import urllib.request
 
 import grpc
 import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
+from service.metrics import LATENCY_BUCKETS, BulkHistogram
 from service.server import Server
 from tests.conftest import ServerFactory
 from tests.service.client import Ev, request
@@ -97,3 +102,32 @@ async def test_failed_rpcs_are_counted_by_code(
     samples = await scrape(server)
     labels = {"api": "native", "method": "GetSession", "code": "NOT_FOUND"}
     assert value(samples, "lstm_rpcs_total", **labels) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.floats(0, 3.0) | st.sampled_from(LATENCY_BUCKETS), min_size=0, max_size=20),
+        max_size=4,
+    )
+)
+def test_bulk_histogram_counts_as_prometheus_does(batches: list[list[float]]) -> None:
+    """Small batches (placed one by one) and large ones (numpy) land in the buckets and sum
+    that prometheus-client's own Histogram gives for the same values, bounds included."""
+    registry = CollectorRegistry()
+    bulk = BulkHistogram("bulk_seconds", "bulk", LATENCY_BUCKETS)
+    registry.register(bulk)
+    plain = Histogram("plain_seconds", "plain", buckets=LATENCY_BUCKETS, registry=registry)
+    for batch in batches:
+        bulk.observe_many(np.array(batch, np.float64))
+        for v in batch:
+            plain.observe(v)
+    for suffix in ("_count", "_sum"):
+        got = registry.get_sample_value("bulk_seconds" + suffix)
+        want = registry.get_sample_value("plain_seconds" + suffix)
+        assert got == pytest.approx(want)
+    for bound in LATENCY_BUCKETS:
+        le = {"le": repr(float(bound))}
+        assert registry.get_sample_value("bulk_seconds_bucket", le) == registry.get_sample_value(
+            "plain_seconds_bucket", le
+        )
