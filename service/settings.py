@@ -185,6 +185,7 @@ class Settings:
         env = os.environ if env is None else env
         parser = argparse.ArgumentParser(
             prog="lstm-serve",
+            allow_abbrev=False,
             description="Serve a stateful LSTM step model over gRPC. Every flag is also an "
             "LSTM_* environment variable (--max-batch -> LSTM_MAX_BATCH); flags win.",
         )
