@@ -1,4 +1,14 @@
-"""``lstm-client``: stream events from a file or stdin to lstm-serve; sessions, model, health.
+"""lstm-client: stream events from a file or stdin to lstm-serve; sessions, model, health.
+
+Input of stream: JSONL, one {"session_id": "...", "values": [...], "reset": false}
+per line, or CSV, one session_id,v1,...,vE per line. A CSV file's first line is
+skipped as a header when its second field is not a number (or it has one field).
+Output: one JSON object per input line (line, session_id, and step, duplicate,
+output, or error).
+
+While the server cannot be reached (or answers UNAVAILABLE), calls are retried for
+--retry-for seconds (30 for stream, 5 for the other commands), with a line on
+stderr when retrying starts. Global options may come before or after the command.
 
 Exit codes: 0 everything answered; 1 some lines were bad or refused (each is
 reported on stderr with its line number and in the output); 2 usage; 3 the
@@ -16,11 +26,29 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
+import grpc
 import numpy as np
 
 from lstm_stream.client import Client, LstmError
 
 EXIT_OK, EXIT_BAD_LINES, EXIT_USAGE, EXIT_SERVER = 0, 1, 2, 3
+PROG = "lstm-client"
+RETRY_FOR = {"stream": 30.0}
+"""--retry-for when not given: streams ride out a restart; one-shot commands fail fast."""
+RETRY_FOR_ONE_SHOT = 5.0
+
+
+def complain(message: str) -> None:
+    """One error line on stderr, prefixed like every line this tool writes there."""
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+class LineError(ValueError):
+    """An input line refused before sending; ``session_id`` when the line names one."""
+
+    def __init__(self, message: str, session_id: str | None = None):
+        super().__init__(message)
+        self.session_id = session_id
 
 
 class Progress:
@@ -48,39 +76,41 @@ class Progress:
 
 
 def parse_line(text: str, fmt: str, event_size: int) -> tuple[str, list[float], bool]:
-    """One input line as (session_id, values, reset); ValueError with the reason."""
+    """One input line as (session_id, values, reset); LineError with the reason."""
     if fmt == "jsonl":
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"not JSON ({exc.msg})") from None
+            raise LineError(f"not JSON ({exc.msg})") from None
         if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
+            raise LineError("not a JSON object")
         session_id, values = record.get("session_id"), record.get("values")
         reset = record.get("reset", False)
         if not isinstance(session_id, str) or not session_id:
-            raise ValueError("'session_id' must be a non-empty string")
+            sid = session_id if isinstance(session_id, str) else None
+            raise LineError("'session_id' must be a non-empty string", sid)
         if not isinstance(values, list):
-            raise ValueError("'values' must be a list of numbers")
+            raise LineError("'values' must be a list of numbers", session_id)
         if not isinstance(reset, bool):
-            raise ValueError("'reset' must be true or false")
+            raise LineError("'reset' must be true or false", session_id)
     else:
         row = next(csv.reader([text]))
         if len(row) < 2:
-            raise ValueError("expected session_id,v1,...,vE")
+            raise LineError("expected session_id,v1,...,vE", row[0] if row else None)
         session_id, values, reset = row[0], row[1:], False
     try:
         floats = [float(v) for v in values]
     except (TypeError, ValueError):
-        raise ValueError("values must be numbers") from None
+        raise LineError("values must be numbers", session_id) from None
     if len(floats) != event_size:
-        raise ValueError(f"{len(floats)} values; the model takes {event_size}")
+        raise LineError(f"{len(floats)} values; the model takes {event_size}", session_id)
     if not all(math.isfinite(v) for v in floats):
-        raise ValueError("values contain NaN or Inf")
+        raise LineError("values contain NaN or Inf", session_id)
     return session_id, floats, reset
 
 
 def read_lines(source: IO[str], fmt: str) -> Iterator[tuple[int, str]]:
+    """Non-blank lines with their numbers; a CSV header (see the module's doc) is skipped."""
     for number, line in enumerate(source, 1):
         text = line.strip()
         if not text:
@@ -113,10 +143,10 @@ def stream_command(client: Client, args: argparse.Namespace) -> int:
         for number, text in read_lines(source, fmt):
             try:
                 chunk.append((number, parse_line(text, fmt, event_size)))
-            except ValueError as exc:
+            except LineError as exc:
                 unparsable[0] += 1
-                print(f"line {number}: {exc}", file=sys.stderr)
-                chunk.append((number, str(exc)))
+                complain(f"line {number}: {exc}")
+                chunk.append((number, exc))
             if len(chunk) >= args.batch:
                 yield from emit(chunk)
                 chunk = []
@@ -127,7 +157,7 @@ def stream_command(client: Client, args: argparse.Namespace) -> int:
         chunk: list[tuple[int, Any]],
     ) -> Iterator[tuple[Sequence[str], np.ndarray, list[bool]]]:
         chunks.append(chunk)  # before the request goes: its results find it first in line
-        good = [p for _, p in chunk if not isinstance(p, str)]
+        good = [p for _, p in chunk if not isinstance(p, LineError)]
         if good:
             values = np.array([p[1] for p in good], np.float32)
             yield [p[0] for p in good], values, [p[2] for p in good]
@@ -135,15 +165,19 @@ def stream_command(client: Client, args: argparse.Namespace) -> int:
     def write(chunk: list[tuple[int, Any]], results: Any) -> None:
         k = 0
         for number, parsed in chunk:
-            if isinstance(parsed, str):
-                out.write(json.dumps({"line": number, "error": parsed}) + "\n")
+            if isinstance(parsed, LineError):
+                bad: dict[str, Any] = {"line": number}
+                if parsed.session_id is not None:
+                    bad["session_id"] = parsed.session_id
+                bad["error"] = str(parsed)
+                out.write(json.dumps(bad) + "\n")
                 continue
             code = int(results.codes[k])
             record: dict[str, Any] = {"line": number, "session_id": parsed[0]}
             if code:
                 refused[0] += 1
                 record["error"] = results.errors[k]
-                print(f"line {number}: refused: {results.errors[k]}", file=sys.stderr)
+                complain(f"line {number}: refused: {results.errors[k]}")
             else:
                 record["step"] = int(results.steps[k])
                 record["duplicate"] = bool(results.duplicates[k])
@@ -154,7 +188,7 @@ def stream_command(client: Client, args: argparse.Namespace) -> int:
 
     def flush_bad_chunks() -> None:
         """Chunks without a good line have no results: written when their turn comes."""
-        while chunks and all(isinstance(p, str) for _, p in chunks[0]):
+        while chunks and all(isinstance(p, LineError) for _, p in chunks[0]):
             write(chunks.pop(0), None)
 
     try:
@@ -183,56 +217,152 @@ def session_json(session: Any) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lstm-client", description=__doc__)
-    parser.add_argument("--address", default="127.0.0.1:50051", help="the server's HOST:PORT")
-    parser.add_argument("--token", help="bearer token (when the server has --auth-tokens)")
-    parser.add_argument("--tls-ca", help="PEM CA to trust (TLS)")
-    parser.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
-    parser.add_argument("--tls-key", help="PEM key of --tls-cert")
-    parser.add_argument("--retry-for", type=float, default=30.0, help="seconds to retry a call")
-    commands = parser.add_subparsers(dest="command", required=True)
-    stream = commands.add_parser("stream", help="send events, write results as JSONL")
-    stream.add_argument("input", nargs="?", default="-", help="JSONL or CSV file; - for stdin")
-    stream.add_argument("--format", choices=("auto", "jsonl", "csv"), default="auto")
-    stream.add_argument("--output", default="-", help="JSONL results file; - for stdout")
-    stream.add_argument("--batch", type=int, default=256, help="events per request")
-    stream.add_argument(
+def info_json(info: Any) -> str:
+    """Every field of ModelInfo, zeros and empty strings included (protobuf omits those)."""
+    record = {}
+    for field in info.DESCRIPTOR.fields:
+        value = getattr(info, field.name)
+        record[field.name] = list(value) if field.is_repeated else value
+    return json.dumps(record)
+
+
+def health_command(client: Client, retry_for: float, on_retry: Any) -> int:
+    """The server's health; retried like the other calls while the server cannot be reached."""
+    deadline = time.monotonic() + retry_for
+    retried = False
+    while True:
+        status = client.health()
+        # A serving status is one word; "CODE: details" is a failed call.
+        code, _, details = status.partition(": ")
+        if not details:
+            print(status)
+            return EXIT_OK if status == "SERVING" else EXIT_SERVER
+        if code != "UNAVAILABLE" or time.monotonic() + 0.2 > deadline:
+            complain(status)
+            return EXIT_SERVER
+        if not retried:
+            retried = True
+            on_retry(grpc.StatusCode.UNAVAILABLE, details)
+        time.sleep(0.2)
+
+
+def add_option(
+    parser: argparse.ArgumentParser, *names: str, shown: str | None = None, **kwargs: Any
+) -> None:
+    """``add_argument`` with the default in the help text (``shown``: how to say it)."""
+    default = kwargs.get("default")
+    if shown is None and default not in (None, False, argparse.SUPPRESS):
+        shown = str(default)
+    if shown is not None:
+        kwargs["help"] = f"{kwargs['help']} (default: {shown})"
+    parser.add_argument(*names, **kwargs)
+
+
+def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """Options every command takes, before the command (``top``) or after it.
+
+    After the command they default to SUPPRESS, so that they override the value
+    given before it only when given.
+    """
+
+    def option(*names: str, default: Any = None, **kwargs: Any) -> None:
+        shown = None if default is None else str(default)
+        value = default if top else argparse.SUPPRESS
+        add_option(parser, *names, default=value, shown=shown, **kwargs)
+
+    option("--address", default="127.0.0.1:50051", help="the server's HOST:PORT")
+    option("--token", help="bearer token (when the server has --auth-tokens)")
+    option("--tls-ca", help="PEM CA to trust (TLS)")
+    option("--tls-cert", help="PEM client certificate (mutual TLS)")
+    option("--tls-key", help="PEM key of --tls-cert")
+    add_option(
+        parser,
+        "--retry-for",
+        type=float,
+        default=None if top else argparse.SUPPRESS,
+        shown=f"{RETRY_FOR['stream']:g} for stream, {RETRY_FOR_ONE_SHOT:g} for the others",
+        help="seconds to keep retrying while the server cannot be reached",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    add_global_options(parser, top=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, allow_abbrev=False)
+        add_global_options(sub, top=False)
+        return sub
+
+    stream = command("stream", "send events, write results as JSONL")
+    add_option(stream, "input", nargs="?", default="-", help="JSONL or CSV file; - for stdin")
+    add_option(
+        stream,
+        "--format",
+        choices=("auto", "jsonl", "csv"),
+        default="auto",
+        help="input format; auto: csv for a file named *.csv, else jsonl. A CSV file's first "
+        "line is skipped as a header when its second field is not a number",
+    )
+    add_option(stream, "--output", default="-", help="JSONL results file; - for stdout")
+    add_option(stream, "--batch", type=int, default=256, help="events per request")
+    add_option(
+        stream,
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="rate line on stderr (default: when stderr is a terminal)",
+        shown="when stderr is a terminal",
+        help="rate line on stderr",
     )
     for name in ("get", "reset", "delete"):
-        commands.add_parser(name, help=f"{name} a session").add_argument("session_id")
-    commands.add_parser("info", help="the model the server serves")
-    commands.add_parser("health", help="SERVING or not (exit 0 or 3)")
+        add_option(command(name, f"{name} a session"), "session_id", help="the session's id")
+    command("info", "the model the server serves")
+    command("health", "SERVING or not (exit 0 or 3)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "stream" and args.batch < 1:
         parser.error("--batch must be >= 1")
+    retry_for = args.retry_for
+    if retry_for is None:
+        retry_for = RETRY_FOR.get(args.command, RETRY_FOR_ONE_SHOT)
+
+    def on_retry(code: grpc.StatusCode, details: str) -> None:
+        complain(
+            f"cannot reach {args.address} ({code.name}: {details}); "
+            f"retrying for up to {retry_for:g}s (--retry-for)"
+        )
+
     client = Client(
         args.address,
         token=args.token,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        retry_for=args.retry_for,
+        retry_for=retry_for,
+        on_retry=on_retry,
     )
     try:
         if args.command == "stream":
             return stream_command(client, args)
         if args.command == "health":
-            status = client.health()
-            print(status)
-            return EXIT_OK if status == "SERVING" else EXIT_SERVER
+            return health_command(client, retry_for, on_retry)
         if args.command == "info":
-            info = client.model_info()
-            print(json.dumps({f.name: v for f, v in info.ListFields()}, default=list))
+            print(info_json(client.model_info()))
             return EXIT_OK
         if args.command == "get":
             session = client.get_session(args.session_id)
             if session is None:
-                print(f"no session {args.session_id!r}", file=sys.stderr)
+                complain(f"no session {args.session_id!r}")
                 return EXIT_SERVER
         elif args.command == "reset":
             session = client.reset_session(args.session_id)
@@ -241,10 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(session_json(session))
         return EXIT_OK
     except LstmError as exc:
-        print(f"lstm-client: {exc}", file=sys.stderr)
+        complain(str(exc))
         return EXIT_SERVER
     except OSError as exc:
-        print(f"lstm-client: {exc}", file=sys.stderr)
+        complain(str(exc))
         return EXIT_USAGE
     finally:
         client.close()

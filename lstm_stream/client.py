@@ -6,6 +6,8 @@ back as numpy. With ``exactly_once`` (the default) every event gets the next
 call retried after a reconnect is applied once: what was applied comes back
 ``duplicate``. Calls are retried on ``UNAVAILABLE`` (a restart, a drain) for up
 to ``retry_for`` seconds; a stream is reopened and its unanswered requests re-sent.
+``on_retry(code, details)``, when given, is called each time a call or a stream starts
+retrying (once per outage, not per attempt).
 
 Calls for one session carry an ``x-session-id`` header, so a proxy hashing on it
 (deploy/haproxy/haproxy.cfg) routes a session to the replica that holds it;
@@ -18,7 +20,7 @@ import asyncio
 import collections
 import hashlib
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,10 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 These calls never cancel themselves: CANCELLED is a proxy dropping the call's stream
 because its replica went away."""
 SESSION_HEADER = "x-session-id"
+
+RetryHook = Callable[[grpc.StatusCode, str], None]
+"""``on_retry(code, details)``: a call or stream failed with a retryable status and is
+about to be retried for up to ``retry_for`` seconds."""
 
 
 def session_header(session_id: str) -> str:
@@ -120,15 +126,28 @@ def _credentials(
 class _Core:
     """What both clients share: seq numbering and message building; no I/O."""
 
-    def __init__(self, token: str | None, exactly_once: bool, retry_for: float, form: str):
+    def __init__(
+        self,
+        token: str | None,
+        exactly_once: bool,
+        retry_for: float,
+        form: str,
+        on_retry: RetryHook | None = None,
+    ):
         if form not in ("columnar", "events"):
             raise ValueError("form must be 'columnar' or 'events'")
         self.form = form
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.exactly_once = exactly_once
         self.retry_for = retry_for
+        self.on_retry = on_retry
         self.last_seq: dict[str, int] = {}
         self.output_size = 0
+
+    def retrying(self, exc: grpc.RpcError) -> None:
+        """Tell ``on_retry`` that a call or stream starts retrying after ``exc``."""
+        if self.on_retry is not None:
+            self.on_retry(exc.code(), exc.details() or "")  # type: ignore[attr-defined]
 
     def unknown(self, ids: Iterable[str]) -> list[str]:
         if not self.exactly_once:
@@ -231,6 +250,7 @@ class Client:
         retry_for: float = 30.0,
         window: int = 8,
         form: str = "columnar",
+        on_retry: RetryHook | None = None,
     ):
         credentials = _credentials(tls_ca, tls_cert, tls_key)
         options = [("grpc.max_receive_message_length", 64 << 20)]
@@ -240,7 +260,7 @@ class Client:
             else grpc.insecure_channel(address, options)
         )
         self.stub = pb_grpc.LstmStreamStub(self.channel)
-        self.core = _Core(token, exactly_once, retry_for, form)
+        self.core = _Core(token, exactly_once, retry_for, form, on_retry)
         self.window = window
 
     def __enter__(self) -> Client:
@@ -257,12 +277,16 @@ class Client:
         deadline = time.monotonic() + self.core.retry_for
         delay = 0.05
         metadata = self.core.routed(ids)
+        retried = False
         while True:
             try:
                 return method(message, metadata=metadata)
             except grpc.RpcError as exc:
                 if not _retryable(exc) or time.monotonic() + delay > deadline:
                     raise LstmError(exc.code(), exc.details() or "") from exc  # type: ignore[attr-defined]
+                if not retried:
+                    retried = True
+                    self.core.retrying(exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
@@ -339,7 +363,10 @@ class Client:
             except grpc.RpcError as exc:
                 if not _retryable(exc):
                     raise LstmError(exc.code(), exc.details() or "") from exc  # type: ignore[attr-defined]
-                deadline = deadline or time.monotonic() + self.core.retry_for
+                if deadline is None:  # the first failure since the last answer
+                    deadline = time.monotonic() + self.core.retry_for
+                    if self.core.retry_for > 0:
+                        self.core.retrying(exc)
                 if time.monotonic() > deadline:
                     raise LstmError(exc.code(), exc.details() or "") from exc  # type: ignore[attr-defined]
                 time.sleep(0.2)
@@ -387,6 +414,7 @@ class AsyncClient:
         retry_for: float = 30.0,
         window: int = 8,
         form: str = "columnar",
+        on_retry: RetryHook | None = None,
     ):
         credentials = _credentials(tls_ca, tls_cert, tls_key)
         options = [("grpc.max_receive_message_length", 64 << 20)]
@@ -396,7 +424,7 @@ class AsyncClient:
             else grpc.aio.insecure_channel(address, options)
         )
         self.stub = pb_grpc.LstmStreamStub(self.channel)
-        self.core = _Core(token, exactly_once, retry_for, form)
+        self.core = _Core(token, exactly_once, retry_for, form, on_retry)
         self.window = window
 
     async def __aenter__(self) -> AsyncClient:
@@ -412,12 +440,16 @@ class AsyncClient:
         deadline = time.monotonic() + self.core.retry_for
         delay = 0.05
         metadata = self.core.routed(ids)
+        retried = False
         while True:
             try:
                 return await method(message, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 if not _retryable(exc) or time.monotonic() + delay > deadline:
                     raise LstmError(exc.code(), exc.details() or "") from exc
+                if not retried:
+                    retried = True
+                    self.core.retrying(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
@@ -501,7 +533,10 @@ class AsyncClient:
                 writer.cancel()
                 if not _retryable(exc):
                     raise LstmError(exc.code(), exc.details() or "") from exc
-                deadline = deadline or time.monotonic() + self.core.retry_for
+                if deadline is None:  # the first failure since the last answer
+                    deadline = time.monotonic() + self.core.retry_for
+                    if self.core.retry_for > 0:
+                        self.core.retrying(exc)
                 if time.monotonic() > deadline:
                     raise LstmError(exc.code(), exc.details() or "") from exc
                 await asyncio.sleep(0.2)

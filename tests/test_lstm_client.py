@@ -6,10 +6,13 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from lstm_stream.cli import main
 from service.server import Server
 from tests.service.reference import Reference
 
@@ -98,3 +101,101 @@ async def test_exit_codes_for_usage_and_an_unreachable_server() -> None:
     assert (await run("frobnicate")).returncode == 2
     gone = await run("--address", "127.0.0.1:1", "--retry-for", "0.5", "info")
     assert gone.returncode == 3 and "UNAVAILABLE" in gone.stderr
+
+
+async def test_unreachable_one_shot_command_says_it_retries_and_gives_up_in_5s() -> None:
+    started = time.monotonic()
+    gone = await run("--address", "127.0.0.1:1", "info")
+    elapsed = time.monotonic() - started
+    assert gone.returncode == 3
+    lines = gone.stderr.splitlines()
+    assert lines[0].startswith("lstm-client: cannot reach 127.0.0.1:1 (UNAVAILABLE")
+    assert lines[0].endswith("; retrying for up to 5s (--retry-for)")
+    assert lines[-1].startswith("lstm-client: UNAVAILABLE: ")
+    assert 4.5 < elapsed < 20, elapsed  # the one-shot default, not stream's 30 s
+
+
+async def test_unreachable_stream_retries_for_30s_and_says_so() -> None:
+    # Killed once the notice is out: only the announced default is checked, not the wait.
+    proc = await asyncio.create_subprocess_exec(
+        *CLIENT,
+        "stream",
+        "--address",
+        "127.0.0.1:1",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), timeout=20)
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert line.decode().startswith("lstm-client: cannot reach 127.0.0.1:1 (UNAVAILABLE")
+    assert line.decode().rstrip().endswith("retrying for up to 30s (--retry-for)")
+
+
+async def test_unreachable_health_is_an_error_line_after_retrying() -> None:
+    gone = await run("health", "--address", "127.0.0.1:1", "--retry-for", "0.5")
+    assert gone.returncode == 3 and gone.stdout == ""
+    lines = gone.stderr.splitlines()
+    assert lines[0].startswith("lstm-client: cannot reach 127.0.0.1:1")
+    assert lines[0].endswith("retrying for up to 0.5s (--retry-for)")
+    assert lines[-1].startswith("lstm-client: UNAVAILABLE: ")
+
+
+async def test_error_lines_are_prefixed_and_locally_refused_lines_keep_their_session(
+    server: Server,
+) -> None:
+    address = f"127.0.0.1:{server.port}"
+    missing = await run("get", "nobody", "--address", address)  # options after the command
+    assert missing.returncode == 3
+    assert missing.stderr.strip() == "lstm-client: no session 'nobody'"
+    good = [0.5] * 32
+    lines = [
+        json.dumps({"session_id": "a", "values": good[:3]}),  # refused here
+        "{not json",  # refused here, no session to name
+        json.dumps({"session_id": "b", "values": good, "reset": "yes"}),  # refused here
+        json.dumps({"session_id": "c" * 200, "values": good}),  # refused by the server
+        json.dumps({"session_id": "a", "values": good}),
+    ]
+    done = await run("--address", address, "stream", stdin="\n".join(lines))
+    assert done.returncode == 1
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r.get("session_id") for r in records] == ["a", None, "b", "c" * 200, "a"]
+    assert "session_id" not in records[1]
+    assert [("error" in r) for r in records] == [True, True, True, True, False]
+    assert all(line.startswith("lstm-client: line ") for line in done.stderr.splitlines())
+    assert len(done.stderr.splitlines()) == 4
+
+
+async def test_info_prints_zero_fields_and_options_go_after_the_command(server: Server) -> None:
+    address = f"127.0.0.1:{server.port}"
+    # Given before and after the command, the one after wins.
+    info = await run("--address", "127.0.0.1:1", "info", "--address", address)
+    assert info.returncode == 0, info.stderr
+    record = json.loads(info.stdout)
+    assert record["live_sessions"] == 0  # protobuf leaves zeros out; the client must not
+    assert record["event_size"] == 32 and record["state_names"] == ["hidden", "cell"]
+    health = await run("health", "--address", address, "--retry-for", "1")
+    assert (health.returncode, health.stdout.strip()) == (0, "SERVING")
+
+
+def test_every_help_shows_the_defaults_and_the_csv_header_rule(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    texts = {}
+    for command in ("", "stream", "get", "reset", "delete", "info", "health"):
+        with pytest.raises(SystemExit) as exited:
+            main([command, "--help"] if command else ["--help"])
+        assert exited.value.code == 0
+        texts[command] = " ".join(capsys.readouterr().out.split())
+    address = "--address ADDRESS the server's HOST:PORT (default: 127.0.0.1:50051)"
+    for command, text in texts.items():
+        assert address in text, command
+        assert "(default: 30 for stream, 5 for the others)" in text, command
+    for default in ("(default: 256)", "(default: auto)", "(default: -)"):
+        assert default in texts["stream"]
+    header = "first line is skipped as a header when its second field is not a number"
+    assert header in texts[""] and header in texts["stream"]
