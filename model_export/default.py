@@ -19,4 +19,4 @@ def default_parameters() -> Parameters:
 
 def default_model() -> onnx.ModelProto:
     """The default model as an in-memory ONNX graph."""
-    return build_model(default_parameters())
+    return build_model(default_parameters(), source_framework="random")

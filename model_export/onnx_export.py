@@ -26,11 +26,17 @@ DEFAULT_OP: Op = "graph"
 _ONNX_GATE_ORDER = ("input", "output", "forget", "candidate")
 
 
-def build_model(parameters: Parameters, op: Op = DEFAULT_OP) -> onnx.ModelProto:
+def build_model(
+    parameters: Parameters,
+    op: Op = DEFAULT_OP,
+    source_framework: str = "seed",
+    source_file: str = "",
+) -> onnx.ModelProto:
     """One LSTM step, batched: ``(event, hidden, cell) -> (output, hidden_out, cell_out)``.
 
     ``op="native"`` uses the ONNX ``LSTM`` operator; ``op="graph"`` spells the
-    step out as Concat/Gemm/Split/Sigmoid/Tanh/Mul/Add.
+    step out as Concat/Gemm/Split/Sigmoid/Tanh/Mul/Add. ``source_framework``
+    (``seed`` or ``random``) and ``source_file`` are recorded in the metadata.
     """
     e, h = parameters.event_size, parameters.hidden_size
     arrays = {k: v.astype(np.float32) for k, v in parameters.arrays().items()}
@@ -61,6 +67,14 @@ def build_model(parameters: Parameters, op: Op = DEFAULT_OP) -> onnx.ModelProto:
             "exporter_version": __version__,
             "fingerprint": fingerprint(parameters),
             "op": op,
+            # The architecture keys every exported model carries (see model_export.arch).
+            "cell": "lstm",
+            "layers": "1",
+            "proj_size": "0",
+            "head": "",
+            "output_activation": "none",
+            "source_framework": source_framework,
+            "source_file": source_file,
         },
     )
     return model
