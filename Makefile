@@ -81,3 +81,16 @@ clean: ## remove the venvs and caches
 
 proto: $(STAMP) ## regenerate lstm_stream/ stubs from proto/ (committed; a test checks they are fresh)
 	cd $(CURDIR) && $(BIN)/python tools/gen_proto.py
+
+EXAMPLE_VENV ?= .venv-example
+EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed
+
+# torch is a large install: only this target's own venv has it, never .venv (make test, make run).
+$(EXAMPLE_STAMP):
+	$(PYTHON) -m venv $(EXAMPLE_VENV)
+	$(EXAMPLE_VENV)/bin/pip install -q torch==2.13.0 safetensors numpy statsmodels==0.15.0
+	touch $(EXAMPLE_STAMP)
+
+.PHONY: example-train
+example-train: $(EXAMPLE_STAMP) ## retrain examples/fertility's two versions (own venv .venv-example with torch, CPU)
+	$(EXAMPLE_VENV)/bin/python examples/fertility/train.py
