@@ -165,8 +165,8 @@ def _as_float32(dataset: Any, where: str) -> np.ndarray:
     return value
 
 
-def _activation(layer_name: str, cfg: Mapping[str, Any], key: str = "activation") -> str:
-    raw = cfg.get(key, "linear")
+def _activation(layer_name: str, cfg: Mapping[str, Any]) -> str:
+    raw = cfg.get("activation", "linear")
     name = canonical_activation(raw) if isinstance(raw, str) else None
     if name is None:
         raise ModelImportError(
@@ -257,16 +257,12 @@ def _recurrent(class_name: str, name: str, cfg: Mapping[str, Any], weights: _Wei
         )
     if cfg.get("return_state"):
         raise ModelImportError(f"layer {name!r} has return_state=True, which is not supported")
-    if _activation(name, cfg) != "tanh":
-        raise ModelImportError(
-            f"layer {name!r}: activation {cfg.get('activation')!r} is not supported "
-            "(only the standard tanh)"
-        )
-    if _activation(name, cfg, "recurrent_activation") != "sigmoid":
-        raise ModelImportError(
-            f"layer {name!r}: recurrent_activation {cfg.get('recurrent_activation')!r} is "
-            "not supported (only the standard sigmoid)"
-        )
+    for key, standard in (("activation", "tanh"), ("recurrent_activation", "sigmoid")):
+        value = cfg.get(key, standard)
+        if value != standard:
+            raise ModelImportError(
+                f"layer {name!r}: {key} {value!r} is not supported (only the standard {standard})"
+            )
     units = int(cfg["units"])
     use_bias = bool(cfg.get("use_bias", True))
     group = weights.group_of(name, class_name)

@@ -113,7 +113,9 @@ def _load_torch(path: str) -> dict[str, np.ndarray]:
 
 
 def _to_float32(key: str, value: np.ndarray) -> np.ndarray:
-    if np.issubdtype(value.dtype, np.floating):
+    # ml_dtypes' bfloat16 (which safetensors returns once it is registered) is not a
+    # numpy floating subtype, hence the name check.
+    if np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16":
         value = np.ascontiguousarray(value, dtype=np.float32)
         if not np.all(np.isfinite(value)):
             raise ModelImportError(f"key {key} contains NaN or Inf")

@@ -1,0 +1,73 @@
+"""Helpers for the framework fixtures: where they are, how to export and run them."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from model_export.cli import main
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "frameworks"
+SPECS = sorted(FIXTURES.glob("*.json"))
+
+
+@dataclass
+class Exported:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def cwd(path: Path) -> Iterator[None]:
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def export(args: list[str], where: Path = FIXTURES) -> Exported:
+    """Run ``lstm-export`` in-process from ``where`` (relative file names resolve there)."""
+    out, err = io.StringIO(), io.StringIO()
+    with cwd(where), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as exc:  # argparse errors
+            code = int(exc.code or 0)
+    return Exported(code, out.getvalue(), err.getvalue())
+
+
+def spec(path: Path) -> dict[str, Any]:
+    return dict(json.loads(path.read_text()))
+
+
+def run_steps(model_path: Path, inputs: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Feed ``inputs [S, T, E]`` one step at a time from zero state, as the server does."""
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    state_inputs = [i for i in session.get_inputs() if i.name != "event"]
+    s, t, _ = inputs.shape
+    states = {i.name: np.zeros((s, int(i.shape[1])), np.float32) for i in state_inputs}
+    names = ["output", *(f"{name}_out" for name in states)]
+    outputs = []
+    for k in range(t):
+        got = session.run(names, {"event": inputs[:, k].astype(np.float32), **states})
+        outputs.append(got[0])
+        states = dict(zip(states, got[1:]))
+    return np.stack(outputs, axis=1), states
+
+
+def layer_major(final: np.ndarray) -> np.ndarray:
+    """A framework's ``[L, S, width]`` final state as the step model's ``[S, L*width]`` rows."""
+    layers, sessions, width = final.shape
+    return final.transpose(1, 0, 2).reshape(sessions, layers * width)
