@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -89,6 +90,8 @@ def measure(
 
     batches = delta("lstm_batch_size_count")
     events_in_window = events * elapsed / seconds
+    # A server this tool did not start (--address): its CPU, memory and metrics are unknown.
+    seen = target.visible
     figures: dict[str, Any] = {
         "label": label,
         "target": target.kind,
@@ -100,19 +103,23 @@ def measure(
             q: float(np.percentile(latencies, p)) * 1e3
             for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))
         },
-        "server_cpu_util": server_cpu / elapsed,
-        "server_cpu_us_per_event": server_cpu / max(events_in_window, 1) * 1e6,
-        "server_rss_mb": target.rss_bytes() / 2**20,
+        "server_cpu_util": server_cpu / elapsed if seen else None,
+        "server_cpu_us_per_event": server_cpu / max(events_in_window, 1) * 1e6 if seen else None,
+        "server_rss_mb": target.rss_bytes() / 2**20 if seen else None,
         "cpu_us_per_event_by_role": {
             role: (roles1[role] - roles0.get(role, 0.0)) / max(events_in_window, 1) * 1e6
             for role in roles1
-        },
+        }
+        if seen
+        else None,
         "mean_batch": delta("lstm_batch_size_sum") / batches if batches else None,
         "store_calls_per_s": sum(
             delta(k) for k in m1 if k.startswith("lstm_store_duration_seconds_count")
         )
-        / elapsed,
-        "store_conflicts": delta("lstm_store_conflicts_total"),
+        / elapsed
+        if seen
+        else None,
+        "store_conflicts": delta("lstm_store_conflicts_total") if seen else None,
         "inference_share": (
             delta("lstm_inference_cpu_seconds_total") / server_cpu
             if batches and server_cpu > 0
@@ -120,6 +127,22 @@ def measure(
         ),
     }
     return figures
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None (null in JSON: not measured)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    """Strict JSON: no NaN or Infinity, which JSON does not have."""
+    path.write_text(json.dumps(finite(results), indent=2, default=str, allow_nan=False))
 
 
 async def _create_sessions(address: str, total: int, per_request: int, streams: int) -> float:
@@ -495,25 +518,47 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def table(results: dict[str, Any]) -> str:
+UNKNOWN = "unknown"
+"""A table cell for a figure not measured (the server of --address is not this tool's)."""
+
+
+def runs_table(runs: list[dict[str, Any]]) -> str:
+    """One row per target and scenario: the median repetition's figures."""
+
+    def cell(value: float | None, spec: str) -> str:
+        return UNKNOWN if value is None else format(value, spec)
+
     lines = [
         "| run | events/s | requests/s | p50 ms | p90 ms | p99 ms | p99.9 ms | batch "
         "| server CPU | µs/event | RSS MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    pairs = list(dict.fromkeys((r["target"], r["scenario"]) for r in results["runs"]))
+    pairs = list(dict.fromkeys((r["target"], r["scenario"]) for r in runs))
     for target, scenario in pairs:
-        r = median_run(results["runs"], target, scenario)
-        reps = sum(1 for x in results["runs"] if (x["target"], x["scenario"]) == (target, scenario))
+        r = median_run(runs, target, scenario)
+        reps = sum(1 for x in runs if (x["target"], x["scenario"]) == (target, scenario))
         label = f"{target} {scenario}" + (f" (median of {reps})" if reps > 1 else "")
         lat = r["latency_ms"]
         batch = f"{r['mean_batch']:.1f}" if r["mean_batch"] else "-"
         lines.append(
             f"| {label} | {r['events_per_s']:,.0f} | {r['requests_per_s']:,.0f} | "
             f"{lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {lat['p99.9']:.2f} | "
-            f"{batch} | {r['server_cpu_util']:.0%} | {r['server_cpu_us_per_event']:.1f} | "
-            f"{r['server_rss_mb']:.0f} |"
+            f"{batch} | {cell(r['server_cpu_util'], '.0%')} | "
+            f"{cell(r['server_cpu_us_per_event'], '.1f')} | {cell(r['server_rss_mb'], '.0f')} |"
         )
+    if any(r["server_cpu_util"] is None for r in runs):
+        lines += [
+            "",
+            "Server CPU and RSS: unknown for an external server (--address): its process "
+            "is not one this tool started, so it cannot read them. Measure them on the "
+            "server's machine (its /metrics has process_cpu_seconds_total and "
+            "process_resident_memory_bytes).",
+        ]
+    return "\n".join(lines)
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [runs_table(results["runs"])]
     mem = results["memory"]
     lines += [
         "",
@@ -591,8 +636,34 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help, unless it has none (None, off, or empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default in (None, False, [], argparse.SUPPRESS):
+            return text
+        if isinstance(default, list):
+            default = ",".join(map(str, default))
+        return f"{text} (default: {default})"
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` as (host, port); argparse reports a ValueError as a usage error."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(text)
+    return host.strip("[]"), int(port)
+
+
+host_port.__name__ = "HOST:PORT"  # how argparse names the type in its error message
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="lstm-bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lstm-bench", description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False
+    )
     parser.add_argument(
         "--suite", action="store_true", help="run every scenario and target (make bench)"
     )
@@ -608,11 +679,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="with --echo: the echo with lstm-serve's stream structure",
     )
-    parser.add_argument("--address", help="one scenario against a server already running there")
-    parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--sessions", type=int, default=256)
-    parser.add_argument("--events-per-request", type=int, default=16)
-    parser.add_argument("--form", choices=("columnar", "events", "oip"), default="columnar")
+    parser.add_argument(
+        "--address",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="one scenario against a server already running there (its CPU and memory "
+        "are then unknown: null in the JSON)",
+    )
+    parser.add_argument("--streams", type=int, default=16, help="concurrent streams")
+    parser.add_argument("--sessions", type=int, default=256, help="sessions in all")
+    parser.add_argument("--events-per-request", type=int, default=16, help="events in each request")
+    parser.add_argument(
+        "--form", choices=("columnar", "events", "oip"), default="columnar", help="request form"
+    )
     parser.add_argument("--window", type=int, default=4, help="requests in flight per stream")
     parser.add_argument(
         "--rate", type=float, default=0.0, help="requests/s in all (0 = closed loop)"
@@ -625,14 +704,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-pin", action="store_true", help="do not pin server and clients to CPUs"
     )
     parser.add_argument(
-        "--sweep", type=lambda s: [int(x) for x in s.split(",")], default=list(SWEEP_STREAMS)
+        "--sweep",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=list(SWEEP_STREAMS),
+        help="with --suite: stream counts of the throughput sweep",
     )
-    parser.add_argument("--memory-sessions", type=int, default=1_000_000)
+    parser.add_argument(
+        "--memory-sessions",
+        type=int,
+        default=1_000_000,
+        help="with --suite: sessions created by the memory scenario",
+    )
     parser.add_argument(
         "--repeat", type=int, default=3, help="repetitions of the target scenarios (median kept)"
     )
     parser.add_argument(
-        "--server-arg", action="append", default=[], help="extra lstm-serve flag (repeatable)"
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra lstm-serve flag (repeatable; none by default)",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("bench-results"), help="JSON, table and plots go here"
@@ -646,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale:
         results = run_scale(args)
         text = scale_table(results)
-        (args.out / "scale.json").write_text(json.dumps(results, indent=2, default=str))
+        write_json(args.out / "scale.json", results)
         (args.out / "scale.md").write_text(text + "\n")
         print(text)
         print(f"\nwrote {args.out / 'scale.json'}, {args.out / 'scale.md'}")
@@ -655,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_suite(args)
         text = table(results)
         results["targets"] = targets(results)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        write_json(args.out / "results.json", results)
         (args.out / "table.md").write_text(text + "\n")
         written = plots(results, args.out)
         print(text)
@@ -677,8 +767,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     server_cpus, client_cpus = cpu_split(not args.no_pin and not args.address)
     if args.address:
-        _, port = args.address.rsplit(":", 1)
-        target = procs.Target("external", None, int(port), None)  # type: ignore[arg-type]
+        host, port = args.address
+        target = procs.Target("external", None, port, None, host)
     else:
         kind = ("echo-pipelined" if args.pipelined else "echo") if args.echo else "server"
         target = procs.start(kind, server_cpus, args.server_arg)
@@ -688,8 +778,11 @@ def main(argv: list[str] | None = None) -> int:
         if target.proc is not None:
             target.stop()
     results = {"runs": [{"scenario": "single", **run}]}
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    print(json.dumps(run, indent=2, default=str))
+    text = runs_table(results["runs"])
+    write_json(args.out / "results.json", results)
+    (args.out / "table.md").write_text(text + "\n")
+    print(text)
+    print(f"\nwrote {args.out / 'results.json'}, {args.out / 'table.md'}")
     return 0
 
 

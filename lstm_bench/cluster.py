@@ -175,6 +175,10 @@ class Deployment(procs.Target):
         self.redis = redis
         self.proxy = proxy
 
+    @property
+    def visible(self) -> bool:
+        return True
+
     def pids(self) -> list[int]:
         out = [r.proc.pid for r in self.replicas if r.proc is not None]
         if self.redis.proc is not None:

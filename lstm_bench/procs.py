@@ -19,13 +19,20 @@ class Target:
     proc: subprocess.Popen[str] | None  # None: a server this tool did not start
     port: int
     metrics_port: int | None
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @property
+    def visible(self) -> bool:
+        """Whether this tool can read the target's CPU, memory and metrics: not for a
+        server it did not start (``external``)."""
+        return self.proc is not None
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of the process, all threads (NaN for an external server)."""
+        """User + system CPU of the process, all threads (NaN when not ``visible``)."""
         if self.proc is None:
             return float("nan")
         with open(f"/proc/{self.proc.pid}/stat") as f:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from service.server import Server
 
 
 def test_bench_suite_smoke(tmp_path: Path) -> None:
@@ -68,3 +71,33 @@ def test_inproc_cost_tool_runs() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "us CPU per request (ONNX Runtime" in result.stdout
+
+
+def no_nan(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def test_bench_against_an_external_address_writes_valid_json(
+    server: Server, tmp_path: Path
+) -> None:
+    """A server the bench did not start: its CPU and memory are unknown, null in the JSON."""
+    command = [
+        *(sys.executable, "-m", "lstm_bench.cli", "--address", f"127.0.0.1:{server.port}"),
+        *("--streams", "2", "--sessions", "4", "--events-per-request", "2", "--client-procs"),
+        *("1", "--duration", "0.5", "--warmup", "0.2", "--out", str(tmp_path)),
+    ]
+    # In a thread: the server under test runs on this event loop.
+    result = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = (tmp_path / "results.json").read_text()
+    [run] = json.loads(text, parse_constant=no_nan)["runs"]
+    assert run["target"] == "external" and run["events_per_s"] > 0 and run["errors"] == 0
+    for key in ("server_cpu_util", "server_cpu_us_per_event", "server_rss_mb"):
+        assert run[key] is None, key
+    assert run["cpu_us_per_event_by_role"] is None
+    table = (tmp_path / "table.md").read_text()
+    assert "| unknown | unknown | unknown |" in table
+    assert "unknown for an external server (--address)" in table
+    assert table in result.stdout
