@@ -118,7 +118,12 @@ async def serve(host: str, port: int, event_size: int, output_size: int, pipelin
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lstm-bench-echo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lstm-bench-echo",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--event-size", type=int, default=32)

@@ -34,7 +34,7 @@ def generate(out_dir: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--out", type=Path, default=ROOT, help="output root (default: repo root)")
     generate(parser.parse_args().out)
     return 0

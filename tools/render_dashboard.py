@@ -65,7 +65,7 @@ def render(api: str, out: Path, minutes: float, dashboard: Path = DASHBOARD) -> 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--prometheus", default="http://127.0.0.1:9090")
     parser.add_argument("--out", type=Path, default=Path("dashboard.png"))
     parser.add_argument("--minutes", type=float, default=5.0)
