@@ -16,7 +16,12 @@ import onnxruntime as ort
 
 from model_export.cli import main
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "frameworks"
+# make fixtures points this at freshly generated fixtures to check them before copying.
+FIXTURES = Path(
+    os.environ.get(
+        "LSTM_FRAMEWORK_FIXTURES", Path(__file__).resolve().parents[1] / "fixtures" / "frameworks"
+    )
+)
 SPECS = sorted(FIXTURES.glob("*.json"))
 
 
