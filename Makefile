@@ -94,3 +94,24 @@ $(EXAMPLE_STAMP):
 .PHONY: example-train
 example-train: $(EXAMPLE_STAMP) ## retrain examples/fertility's two versions (own venv .venv-example with torch, CPU)
 	$(EXAMPLE_VENV)/bin/python examples/fertility/train.py
+
+FRAMEWORKS_VENV ?= .venv-frameworks
+FRAMEWORKS_STAMP := $(FRAMEWORKS_VENV)/.installed
+FIXTURES_OUT ?= build/fixtures
+
+# torch and keras are large installs: only this venv has them, never .venv (make test, make run).
+$(FRAMEWORKS_STAMP):
+	$(PYTHON) -m venv $(FRAMEWORKS_VENV)
+	$(FRAMEWORKS_VENV)/bin/pip install -q torch==2.13.0 'keras>=3.15,<4' safetensors h5py numpy onnx
+	touch $(FRAMEWORKS_STAMP)
+
+.PHONY: fixtures
+fixtures: $(STAMP) $(FRAMEWORKS_STAMP) ## regenerate the framework fixtures with real PyTorch and Keras into FIXTURES_OUT, then test lstm-export on them
+	mkdir -p $(FIXTURES_OUT)
+	cd tests/fixtures/frameworks && for gen in gen_torch_fixtures.py gen_keras_fixtures.py; do \
+		KERAS_BACKEND=torch $(CURDIR)/$(FRAMEWORKS_VENV)/bin/python $$gen $(abspath $(FIXTURES_OUT)) public || exit 1; done
+	cd tests/fixtures/frameworks && for gen in gen_torch_step_onnx.py gen_extra_fixtures.py; do \
+		KERAS_BACKEND=torch $(CURDIR)/$(FRAMEWORKS_VENV)/bin/python $$gen $(abspath $(FIXTURES_OUT)) || exit 1; done
+	rm -f $(FIXTURES_OUT)/*.weights.h5
+	LSTM_FRAMEWORK_FIXTURES=$(abspath $(FIXTURES_OUT)) $(BIN)/python -m pytest -q tests/model_export/test_frameworks.py
+	@echo "fixtures in $(FIXTURES_OUT); copy them into tests/fixtures/frameworks to replace the committed ones"
