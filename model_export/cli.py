@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from model_export.arch import OUTPUT_ACTIVATIONS, ModelImportError
+from model_export.arch import ACTIVATIONS, OUTPUT_ACTIVATIONS, ModelImportError
 from model_export.lstm import Parameters
 from model_export.onnx_export import DEFAULT_OP, OPS, build_model, check, max_difference
 from model_export.params import ParameterFileError, fingerprint, load_parameters
@@ -76,8 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--head",
         metavar="SPEC",
         help="the head after the recurrent layers: Linear prefixes and activations in "
-        "order, comma-separated, e.g. fc or head.0,relu,head.2 (default: the one Linear "
-        "whose input size is the top layer's width, if exactly one; else none)",
+        "order, comma-separated, e.g. fc or head.0,relu,head.2; activations: "
+        f"{', '.join(ACTIVATIONS)} (default: the one Linear whose input size is the top "
+        "layer's width, if exactly one; else none)",
     )
     torch_group.add_argument(
         "--output-activation",

@@ -6,11 +6,13 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import onnxruntime as ort
 
@@ -76,3 +78,30 @@ def layer_major(final: np.ndarray) -> np.ndarray:
     """A framework's ``[L, S, width]`` final state as the step model's ``[S, L*width]`` rows."""
     layers, sessions, width = final.shape
     return final.transpose(1, 0, 2).reshape(sessions, layers * width)
+
+
+def keras_variant(
+    tmp_path: Path,
+    source: str,
+    change_config: Callable[[dict[str, Any]], None] | None = None,
+    change_weights: Callable[[h5py.File], None] | None = None,
+) -> str:
+    """A copy of a .keras fixture with its config.json or model.weights.h5 edited."""
+    with zipfile.ZipFile(FIXTURES / source) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    if change_config is not None:
+        config = json.loads(files["config.json"])
+        change_config(config)
+        files["config.json"] = json.dumps(config).encode()
+    if change_weights is not None:
+        h5_path = tmp_path / "weights.h5"
+        h5_path.write_bytes(files["model.weights.h5"])
+        with h5py.File(h5_path, "r+") as h5:
+            change_weights(h5)
+        files["model.weights.h5"] = h5_path.read_bytes()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    (tmp_path / "variant.keras").write_bytes(buffer.getvalue())
+    return "variant.keras"

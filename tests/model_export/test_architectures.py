@@ -6,6 +6,7 @@ import json
 import struct
 from pathlib import Path
 
+import h5py
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -21,10 +22,11 @@ from model_export.arch import (
     random_architecture,
 )
 from model_export.graph import build_step_model, max_step_difference
+from model_export.keras_import import load_keras
 from model_export.reference import step
 from model_export.torch_import import _load_safetensors_bf16, import_state_dict, load_state_dict
 
-from .frameworks import FIXTURES
+from .frameworks import FIXTURES, keras_variant
 
 HEAD_ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity", "elu", "gelu", "silu", "softmax")
 
@@ -209,4 +211,25 @@ def test_half_and_double_weights_become_float32(dtype: str, tmp_path: Path) -> N
         for key, value in rounded.items():
             np.testing.assert_array_equal(reading[key], value)
     arch = import_state_dict(state, rnn="encoder", head="fc", output_activation="sigmoid")
+    assert max_step_difference(build_step_model(arch), arch) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_keras_half_and_double_weights_become_float32(dtype: str, tmp_path: Path) -> None:
+    source = "keras_gru_1layer_dense_none.keras"
+    original = load_keras(FIXTURES / source)
+
+    def convert(h5: h5py.File) -> None:
+        paths: list[str] = []
+        h5.visititems(lambda name, obj: paths.append(name) if hasattr(obj, "shape") else None)
+        for path in paths:
+            value = h5[path][()]
+            del h5[path]
+            h5[path] = value.astype(dtype)
+
+    arch = load_keras(tmp_path / keras_variant(tmp_path, source, change_weights=convert))
+    assert arch.layers[0].weight_ih.dtype == np.float32
+    want = original.layers[0].weight_ih.astype(dtype).astype(np.float32)
+    np.testing.assert_array_equal(arch.layers[0].weight_ih, want)
+    assert (arch.fingerprint() == original.fingerprint()) == (dtype == "float64")
     assert max_step_difference(build_step_model(arch), arch) < 1e-5

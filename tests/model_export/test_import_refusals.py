@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import io
-import json
 import os
 import shutil
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +15,7 @@ import onnx
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from .frameworks import FIXTURES, export
+from .frameworks import FIXTURES, export, keras_variant
 
 TORCH_MLP = "lstm_nobias_mlp.safetensors"
 TORCH_2LAYER = "lstm_2layer_linear_sigmoid.safetensors"
@@ -47,33 +44,6 @@ def torch_variant(
     change(state)
     save_file(state, str(tmp_path / "variant.safetensors"))
     return "variant.safetensors"
-
-
-def keras_variant(
-    tmp_path: Path,
-    change_config: Callable[[dict[str, Any]], None] | None = None,
-    change_weights: Callable[[h5py.File], None] | None = None,
-    source: str = KERAS_LSTM,
-) -> str:
-    """A copy of a .keras fixture with its config.json or model.weights.h5 edited."""
-    with zipfile.ZipFile(FIXTURES / source) as archive:
-        files = {name: archive.read(name) for name in archive.namelist()}
-    if change_config is not None:
-        config = json.loads(files["config.json"])
-        change_config(config)
-        files["config.json"] = json.dumps(config).encode()
-    if change_weights is not None:
-        h5_path = tmp_path / "weights.h5"
-        h5_path.write_bytes(files["model.weights.h5"])
-        with h5py.File(h5_path, "r+") as h5:
-            change_weights(h5)
-        files["model.weights.h5"] = h5_path.read_bytes()
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    (tmp_path / "variant.keras").write_bytes(buffer.getvalue())
-    return "variant.keras"
 
 
 def keras_layer(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -226,9 +196,8 @@ def test_go_backwards_is_refused(tmp_path: Path) -> None:
     def backwards(config: dict[str, Any]) -> None:
         keras_layer(config, "lstm_1")["go_backwards"] = True
 
-    refused(
-        ["--from-keras", keras_variant(tmp_path, backwards)], tmp_path, "'lstm_1'", "go_backwards"
-    )
+    name = keras_variant(tmp_path, KERAS_LSTM, backwards)
+    refused(["--from-keras", name], tmp_path, "'lstm_1'", "go_backwards")
 
 
 def test_keras_bidirectional_is_refused(tmp_path: Path) -> None:
@@ -237,55 +206,48 @@ def test_keras_bidirectional_is_refused(tmp_path: Path) -> None:
         layer["class_name"] = "Bidirectional"
         layer["config"] = {"name": "bidirectional", "layer": dict(layer)}
 
-    refused(["--from-keras", keras_variant(tmp_path, wrap)], tmp_path, "Bidirectional")
+    name = keras_variant(tmp_path, KERAS_LSTM, wrap)
+    refused(["--from-keras", name], tmp_path, "Bidirectional")
 
 
 def test_unsupported_keras_layer_is_named(tmp_path: Path) -> None:
     def conv(config: dict[str, Any]) -> None:
         config["config"]["layers"][3]["class_name"] = "Conv1D"
 
-    refused(
-        ["--from-keras", keras_variant(tmp_path, conv)], tmp_path, "unsupported layer", "Conv1D"
-    )
+    name = keras_variant(tmp_path, KERAS_LSTM, conv)
+    refused(["--from-keras", name], tmp_path, "unsupported layer", "Conv1D")
 
 
 def test_unsupported_keras_activation_is_named(tmp_path: Path) -> None:
     def leaky(config: dict[str, Any]) -> None:
         keras_layer(config, "head")["activation"] = "leaky_relu"
 
-    refused(["--from-keras", keras_variant(tmp_path, leaky)], tmp_path, "'head'", "'leaky_relu'")
+    name = keras_variant(tmp_path, KERAS_LSTM, leaky)
+    refused(["--from-keras", name], tmp_path, "'head'", "'leaky_relu'")
 
 
 def test_non_standard_recurrent_activation_is_named(tmp_path: Path) -> None:
     def hard(config: dict[str, Any]) -> None:
         keras_layer(config, "lstm_0")["recurrent_activation"] = "hard_sigmoid"
 
-    refused(
-        ["--from-keras", keras_variant(tmp_path, hard)],
-        tmp_path,
-        "'lstm_0'",
-        "recurrent_activation",
-        "hard_sigmoid",
-    )
+    name = keras_variant(tmp_path, KERAS_LSTM, hard)
+    refused(["--from-keras", name], tmp_path, "'lstm_0'", "recurrent_activation", "hard_sigmoid")
 
 
 def test_intermediate_layer_without_sequences_is_refused(tmp_path: Path) -> None:
     def last_only(config: dict[str, Any]) -> None:
         keras_layer(config, "lstm_0")["return_sequences"] = False
 
-    refused(["--from-keras", keras_variant(tmp_path, last_only)], tmp_path, "return_sequences")
+    name = keras_variant(tmp_path, KERAS_LSTM, last_only)
+    refused(["--from-keras", name], tmp_path, "return_sequences")
 
 
 def test_missing_keras_weight_is_named(tmp_path: Path) -> None:
     def drop(h5: h5py.File) -> None:
         del h5["layers/lstm_1/cell/vars/2"]
 
-    refused(
-        ["--from-keras", keras_variant(tmp_path, change_weights=drop)],
-        tmp_path,
-        "'lstm_1'",
-        "layers/lstm_1/cell/vars",
-    )
+    name = keras_variant(tmp_path, KERAS_LSTM, change_weights=drop)
+    refused(["--from-keras", name], tmp_path, "'lstm_1'", "layers/lstm_1/cell/vars")
 
 
 def test_keras_weights_that_do_not_chain_are_refused(tmp_path: Path) -> None:
@@ -293,12 +255,8 @@ def test_keras_weights_that_do_not_chain_are_refused(tmp_path: Path) -> None:
         del h5["layers/dense/vars/0"]
         h5["layers/dense/vars/0"] = np.zeros((7, 3), np.float32)
 
-    refused(
-        ["--from-keras", keras_variant(tmp_path, change_weights=shrink)],
-        tmp_path,
-        "shapes do not chain",
-        "head",
-    )
+    name = keras_variant(tmp_path, KERAS_LSTM, change_weights=shrink)
+    refused(["--from-keras", name], tmp_path, "shapes do not chain", "head")
 
 
 def test_weights_file_alone_is_refused(tmp_path: Path) -> None:
