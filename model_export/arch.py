@@ -10,6 +10,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from model_export import __version__
 from model_export.lstm import Parameters
 
 Cell = Literal["lstm", "gru"]
@@ -20,7 +21,7 @@ ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity", "elu", "gelu", "silu", "so
 ACTIVATION_ALIASES = {"linear": "identity", "none": "identity", "swish": "silu"}
 """Other spellings: Keras calls identity ``linear`` and SiLU ``swish``."""
 OUTPUT_ACTIVATIONS = ("none", "sigmoid", "tanh", "softmax")
-"""What may follow the head as the model's output activation (DESIGN.md §2)."""
+"""What may follow the head as the model's output activation."""
 
 SOURCE_FRAMEWORKS = ("seed", "random", "torch", "keras")
 
@@ -188,9 +189,7 @@ class Architecture:
         )
 
     def metadata(self) -> dict[str, str]:
-        """The ONNX ``metadata_props`` that describe this model (DESIGN.md §2)."""
-        from model_export import __version__
-
+        """The ONNX ``metadata_props`` that describe this model (shown by GetModelInfo)."""
         return {
             "event_size": str(self.event_size),
             "hidden_size": str(self.hidden_size),

@@ -1,4 +1,4 @@
-"""Builds and checks the one-step ONNX graph of any ``Architecture`` (DESIGN.md §2)."""
+"""Builds and checks the one-step ONNX graph of any ``Architecture``."""
 
 from __future__ import annotations
 
