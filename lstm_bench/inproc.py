@@ -1,4 +1,4 @@
-"""The server's own cost per request, without a network: servicer + batcher + ONNX Runtime.
+"""The server's own cost per request, without a network: servicer + engine + ONNX Runtime.
 
 ``python -m lstm_bench.inproc [--form columnar|events] [--profile]`` decodes, queues
 and answers requests exactly as lstm-serve does, with no gRPC, and prints CPU per
@@ -17,12 +17,15 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from lstm_stream.v1 import lstm_stream_pb2 as pb
-from service.batcher import Batcher
+from service.api.native import LstmStreamServicer
+from service.core.engine import Engine
+from service.dataplane import DataPlane
 from service.metrics import Metrics
 from service.runtime import Runtime, load_model_bytes
-from service.servicer import LstmStreamServicer
-from service.sessions import SessionTable
 from service.settings import Settings
+from service.state.cache import SessionCache, StoreAccess
+from service.state.table import SessionTable
+from service.store import NullStore, StoreLayout
 
 
 def requests(form: str, streams: int, events: int, event_size: int) -> list[pb.StepRequest]:
@@ -49,10 +52,13 @@ async def measure(form: str, streams: int, events: int, rounds: int, inline_batc
     spec = runtime.spec
     table = SessionTable(spec.state_sizes, spec.output_size, 10**6, output_alias=spec.output_alias)
     metrics = Metrics(CollectorRegistry())
-    batcher = Batcher(runtime, table, metrics, 1024, 128, inline_batch)
-    batcher.start()
-    servicer = LstmStreamServicer(Settings(), metrics)
-    servicer.attach(batcher)
+    layout = StoreLayout("", spec.state_names, spec.state_sizes, spec.output_size, None)
+    cache = SessionCache(table, layout, StoreAccess(NullStore(), metrics), metrics)
+    engine = Engine(runtime, cache, metrics, 1024, 128, inline_batch)
+    engine.start()
+    plane = DataPlane(128, 10**6)
+    plane.attach(engine)
+    servicer = LstmStreamServicer(Settings(), metrics, plane)
     batch = requests(form, streams, events, spec.event_size)
 
     async def round_trip() -> None:
@@ -76,11 +82,13 @@ async def measure(form: str, streams: int, events: int, rounds: int, inline_batc
         f"{cpu / n * 1e6:.1f} us CPU per request (ONNX Runtime {ort / n * 1e6:.1f}), "
         f"wall {(time.perf_counter() - wall0) / n * 1e6:.1f} us"
     )
-    await batcher.stop()
+    await engine.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lstm_bench.inproc", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lstm_bench.inproc", description=__doc__, allow_abbrev=False
+    )
     parser.add_argument("--form", choices=("columnar", "events"), default="columnar")
     parser.add_argument("--streams", type=int, default=16, help="requests per round")
     parser.add_argument("--events", type=int, default=16, help="events per request")

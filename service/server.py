@@ -1,4 +1,4 @@
-"""Wiring and lifecycle: model, table, batcher, gRPC server, health, metrics, signals."""
+"""Wiring and lifecycle: model, sessions, engine, data plane, APIs, health, metrics, signals."""
 
 from __future__ import annotations
 
@@ -22,23 +22,26 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from lstm_stream.oip.v2 import inference_pb2 as oip_pb
+from lstm_stream.v1 import lstm_stream_pb2 as native_pb
 from service import logs
-from service.batcher import Batcher
-from service.metrics import Metrics
-from service.oip import SERVICE_NAME as OIP_SERVICE
-from service.oip import InferenceServicer
-from service.runtime import DeviceUnavailableError, ModelContractError, Runtime, load_model_bytes
-from service.security import (
+from service.api.handlers import register
+from service.api.native import SERVICE_NAME, LstmStreamServicer
+from service.api.oip import SERVICE_NAME as OIP_SERVICE
+from service.api.oip import InferenceServicer
+from service.api.security import (
     MAX_TENANT_BYTES,
-    TENANT_SEP,
     Authenticator,
     SecurityConfigError,
     TlsFiles,
     TokenFile,
 )
-from service.servicer import SERVICE_NAME, LstmStreamServicer, add_to_server, register
-from service.sessions import SessionTable
+from service.core.engine import Engine
+from service.dataplane import DataPlane
+from service.metrics import Metrics
+from service.runtime import DeviceUnavailableError, ModelContractError, Runtime, load_model_bytes
 from service.settings import Settings
+from service.state.cache import SessionCache, StoreAccess
+from service.state.table import SessionTable
 from service.store import StateStore, StoreError, StoreLayout, StoreMismatchError, open_store
 
 log = logging.getLogger(__name__)
@@ -59,8 +62,11 @@ class Server:
         self.port = 0
         self.metrics_port = 0
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.plane = DataPlane(settings.max_session_id_bytes, settings.max_sessions)
         self.runtime: Runtime | None = None
-        self.batcher: Batcher | None = None
+        self.engine: Engine | None = None
+        self.cache: SessionCache | None = None
+        self._store_access: StoreAccess | None = None
         self._grpc: grpc.aio.Server | None = None
         self._servicer: LstmStreamServicer | None = None
         self._oip: InferenceServicer | None = None
@@ -69,7 +75,6 @@ class Server:
         self.tls: TlsFiles | None = None
         self.auth = Authenticator(None, False)
         self._ttl_tasks: list[asyncio.Task[None]] = []
-        self._health_tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._stopping = False
 
@@ -94,21 +99,34 @@ class Server:
         )
         tokens = TokenFile(s.auth_tokens) if s.auth_tokens else None
         self.auth = Authenticator(tokens, s.tenant_from_cert)
-        self._servicer = LstmStreamServicer(s, self.metrics, self.auth)
-        add_to_server(self._servicer, self._grpc)
-        self._oip = InferenceServicer(s, self.metrics, self.auth)
+        self._servicer = LstmStreamServicer(s, self.metrics, self.plane, self.auth)
+        register(self._servicer, self._grpc, native_pb, "LstmStream")
+        self._oip = InferenceServicer(s, self.metrics, self.plane, self.auth)
         register(self._oip, self._grpc, oip_pb, "GRPCInferenceService")
         address = f"{_bracket(s.host)}:{s.port}"
-        if s.tls_cert:
-            self.tls = TlsFiles(s.tls_cert, s.tls_key, s.tls_client_ca or None)
-            self.port = self._grpc.add_secure_port(address, self.tls.credentials())
-        else:
-            self.port = self._grpc.add_insecure_port(address)
+        try:
+            if s.tls_cert:
+                self.tls = TlsFiles(s.tls_cert, s.tls_key, s.tls_client_ca or None)
+                self.port = self._grpc.add_secure_port(address, self.tls.credentials())
+            else:
+                self.port = self._grpc.add_insecure_port(address)
+        except RuntimeError:  # grpcio's way of saying the port could not be bound
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind gRPC port {s.host}:{s.port}")
-        httpd, thread = start_http_server(
-            s.metrics_port, addr=s.metrics_bind_host, registry=self.metrics.registry
-        )
+            raise OSError(
+                f"cannot listen for gRPC on {address}: the address is in use or not "
+                "available here; pick another with --port (or LSTM_PORT; 0 picks a free one)"
+            )
+        try:
+            httpd, thread = start_http_server(
+                s.metrics_port, addr=s.metrics_bind_host, registry=self.metrics.registry
+            )
+        except OSError as exc:
+            where = f"{_bracket(s.metrics_bind_host)}:{s.metrics_port}"
+            raise OSError(
+                f"cannot serve metrics on {where}: {exc.strerror or exc}; pick another with "
+                "--metrics-port (or LSTM_METRICS_PORT; 0 picks a free one)"
+            ) from exc
         self._metrics_http = (httpd, thread)
         self.metrics_port = httpd.server_port
         await self._grpc.start()
@@ -133,34 +151,29 @@ class Server:
             spec.output_alias,
         )
         self.store = open_store(s.state_store, s.store_sync, s.store_timeout, s.store_ttl)
-        if self.store is not None:
-            await loop.run_in_executor(None, self.store.open, layout, s.store_reset)
+        await loop.run_in_executor(None, self.store.open, layout, s.store_reset)
+        access = self._store_access = StoreAccess(self.store, self.metrics)
         table = SessionTable(
             spec.state_sizes,
             spec.output_size,
             s.max_sessions,
             s.initial_capacity,
             output_alias=spec.output_alias,
-            tenant_sep=TENANT_SEP if self.auth.enabled else None,
+            tenants=self.auth.enabled,
+            max_per_tenant=s.max_sessions_per_tenant,
         )
-        self.batcher = Batcher(
+        self.cache = SessionCache(table, layout, access, self.metrics)
+        self.engine = Engine(
             self.runtime,
-            table,
+            self.cache,
             self.metrics,
             s.max_batch,
-            # With tenants the servicer checks ids as sent; the batcher sees them prefixed.
+            # The data plane checks ids as sent; the engine sees them with their tenant.
             s.max_session_id_bytes + (MAX_TENANT_BYTES + 1 if self.auth.enabled else 0),
             s.inline_batch,
-            store=self.store,
-            layout=layout,
-            on_store_health=self._store_health,
-            max_sessions_per_tenant=s.max_sessions_per_tenant if self.auth.enabled else 0,
         )
-        self.batcher.start()
-        self._servicer.attach(self.batcher)
-        batcher = self.batcher
-        assert self._oip is not None
-        self._oip.attach(batcher, lambda: not self._stopping and batcher.store_failure is None)
+        self.engine.start()
+        self.plane.attach(self.engine)
         self.metrics.track_live_sessions(lambda: len(table))
         self.metrics.max_sessions.set(s.max_sessions)
         self.metrics.track_loop(loop)
@@ -175,11 +188,12 @@ class Server:
             self._ttl_tasks.append(
                 loop.create_task(self._evict_loop(s.session_ttl), name="ttl-eviction")
             )
-        if self.store is not None and s.store_ttl > 0:
+        if self.store.persistent and s.store_ttl > 0:
             self._ttl_tasks.append(
                 loop.create_task(self._expire_loop(s.store_ttl), name="store-expiry")
             )
         await self._set_health(SERVING)
+        self._ttl_tasks.append(loop.create_task(self._watch_store(access), name="store-health"))
         log.info(
             "serving on %s:%d, metrics on http://%s:%d/metrics, provider %s, state store %s",
             s.host,
@@ -187,7 +201,7 @@ class Server:
             s.metrics_bind_host,
             self.metrics_port,
             self.runtime.provider,
-            self.store.url if self.store is not None else "memory",
+            self.store.url,
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -196,6 +210,7 @@ class Server:
             await self._stopped.wait()
             return
         self._stopping = True
+        self.plane.close()
         grace = self.settings.grace if grace is None else grace
         log.info("draining (grace %.1fs)", grace)
         await self._set_health(NOT_SERVING)
@@ -206,15 +221,17 @@ class Server:
         if self._oip is not None:
             self._oip.start_drain()
         deadline = time.monotonic() + grace
-        if self.batcher is not None:
+        if self.engine is not None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.batcher.drain(), grace)
+                await asyncio.wait_for(self.engine.drain(), grace)
         if self._servicer is not None:
             await self._quiet([self._servicer, self._oip], deadline)
         if self._grpc is not None:
             await self._grpc.stop(max(deadline - time.monotonic(), 0.0))
-        if self.batcher is not None:
-            await self.batcher.stop()
+        if self.engine is not None:
+            await self.engine.stop()
+        if self._store_access is not None:
+            await self._store_access.stop()
         if self.store is not None:
             self.store.close()
         if self._metrics_http is not None:
@@ -254,27 +271,25 @@ class Server:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    def _store_health(self, ok: bool) -> None:
-        """The batcher's report on the store: health follows it, except while draining."""
-        if self._stopping:
-            return
-        task = asyncio.ensure_future(self._set_health(SERVING if ok else NOT_SERVING))
-        self._health_tasks.add(task)
-        task.add_done_callback(self._health_tasks.discard)
+    async def _watch_store(self, access: StoreAccess) -> None:
+        """Health follows the state store's, except while draining."""
+        async for ok in access.health.changes():
+            if not self._stopping:
+                await self._set_health(SERVING if ok else NOT_SERVING)
 
     async def _evict_loop(self, ttl: float) -> None:
-        assert self.batcher is not None
+        assert self.cache is not None
         period = min(max(ttl / 4, 0.05), 5.0)
         while True:
             await asyncio.sleep(period)
-            await self.batcher.evict_idle(ttl)
+            await self.cache.evict_idle(ttl)
 
     async def _expire_loop(self, ttl: float) -> None:
-        assert self.batcher is not None
+        assert self.cache is not None
         period = min(max(ttl / 4, 0.05), 60.0)
         while True:
             await asyncio.sleep(period)
-            await self.batcher.expire_stored(ttl)
+            await self.cache.expire_stored(ttl)
 
 
 def _bracket(host: str) -> str:

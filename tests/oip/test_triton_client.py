@@ -134,7 +134,7 @@ async def test_bad_requests_give_clear_errors(start_server: ServerFactory, tmp_p
         assert got[case] is not None, f"{case}: no error"
         assert got[case]["status"] == status, (case, got[case])
         assert text in got[case]["message"], (case, got[case])
-    assert len(server.batcher.table) == 0  # type: ignore[union-attr]  # nothing was applied
+    assert len(server.cache.table) == 0  # type: ignore[union-attr]  # nothing was applied
 
 
 async def test_our_protocol_is_wire_compatible_with_tritonclient(

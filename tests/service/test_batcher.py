@@ -1,4 +1,4 @@
-"""The batcher without a network: one event per session per run, order, runs that fail."""
+"""The engine without a network: one event per session per run, order, runs that fail."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from prometheus_client import CollectorRegistry
 
-from service.batcher import Batcher, BatcherClosed, Code, EventBlock
+from service.core.engine import Engine
+from service.core.types import Code, EngineClosed, EventBlock
 from service.metrics import Metrics
 from service.runtime import Runtime, load_model_bytes
-from service.sessions import SessionTable
+from service.state.cache import SessionCache, StoreAccess
+from service.state.table import SessionTable
+from service.store import NullStore, StoreLayout
 from tests.service.models import failing_model
 from tests.service.reference import Reference, events
 
@@ -23,10 +26,13 @@ def runtime() -> Runtime:
     return Runtime(*load_model_bytes(None), "cpu")
 
 
-def make(runtime: Runtime, max_batch: int = 64, inline_batch: int = 0) -> Batcher:
+def make(runtime: Runtime, max_batch: int = 64, inline_batch: int = 0) -> Engine:
     spec = runtime.spec
     table = SessionTable(spec.state_sizes, spec.output_size, max_sessions=1000)
-    return Batcher(runtime, table, Metrics(CollectorRegistry()), max_batch, 128, inline_batch)
+    metrics = Metrics(CollectorRegistry())
+    layout = StoreLayout("", spec.state_names, spec.state_sizes, spec.output_size, None)
+    cache = SessionCache(table, layout, StoreAccess(NullStore(), metrics), metrics)
+    return Engine(runtime, cache, metrics, max_batch, 128, inline_batch)
 
 
 def block(ids: list[str], values: np.ndarray, seqs: list[int] | None = None) -> EventBlock:
@@ -77,17 +83,17 @@ async def test_a_failed_run_answers_internal_and_keeps_state() -> None:
     ok = batcher.submit(block(["a"], good, [1]))
     await ok.future  # type: ignore[misc]
     assert ok.codes.tolist() == [0] and ok.outputs.tolist() == [[1.0, 2.0]]
-    before = await batcher.get("a")
+    before = await batcher.lane.cache.get("a")
     # One poisoned event fails its whole run: both events get INTERNAL, neither state moves.
     bad = batcher.submit(block(["a", "b"], np.array([[50.0, 0.0], [1.0, 1.0]], np.float32), [2, 0]))
     await bad.future  # type: ignore[misc]
     assert bad.codes.tolist() == [Code.INTERNAL, Code.INTERNAL]
     assert bad.errors[0] == "the model failed on this event's batch"
     assert not bad.outputs.any()
-    after = await batcher.get("a")
+    after = await batcher.lane.cache.get("a")
     assert before is not None and after is not None
     assert (after.step, after.last_seq) == (1, 1)
-    b = await batcher.get("b")
+    b = await batcher.lane.cache.get("b")
     assert b is not None and b.step == 0
     # The batcher keeps going; seq 2 was never applied, so it is not a duplicate now.
     again = batcher.submit(block(["a"], good, [2]))
@@ -102,7 +108,7 @@ async def test_drain_refuses_new_events(runtime: Runtime) -> None:
     job = batcher.submit(block(["a"], events(np.random.default_rng(3), 1)))
     await batcher.drain()
     assert job.future.done()  # type: ignore[union-attr]
-    with pytest.raises(BatcherClosed):
+    with pytest.raises(EngineClosed):
         batcher.submit(block(["a"], events(np.random.default_rng(3), 1)))
     await batcher.stop()
 
@@ -150,17 +156,17 @@ async def test_outputs_of_undeclared_shapes_fail_the_batch_and_keep_state() -> N
     ok = batcher.submit(block(["a"], np.full((1, 2), 2.0, np.float32)))  # width 2: true
     await ok.future
     assert ok.codes.tolist() == [0]
-    before = await batcher.get("a")
+    before = await batcher.lane.cache.get("a")
     x = np.full((2, 2), 3.0, np.float32)  # width 3: a lie
     jobs = [batcher.submit(block(["a", "b"], x)), batcher.submit(block(["a"], x[:1]))]
     await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 5)
     assert jobs[0].codes.tolist() == [Code.INTERNAL] * 2
     assert jobs[1].codes.tolist() == [Code.INTERNAL]
     assert jobs[1].errors[0] == "the model failed on this event's batch"
-    after = await batcher.get("a")
+    after = await batcher.lane.cache.get("a")
     assert before is not None and after is not None and after.step == before.step == 1
     np.testing.assert_array_equal(after.states[0], before.states[0])
-    assert batcher.table.pending[: batcher.table.capacity].sum() == 0
+    assert batcher.lane.cache.table.pending[: batcher.lane.cache.table.capacity].sum() == 0
     await batcher.stop()
 
 
@@ -186,3 +192,24 @@ async def test_answered_requests_leave_no_garbage_cycles(runtime: Runtime) -> No
         gc.garbage.clear()
         await batcher.stop()
     assert not ours and not futures
+
+
+async def test_a_caller_gone_mid_run_leaves_the_rest_of_the_run_answered(
+    runtime: Runtime,
+) -> None:
+    """A request whose caller left (its future cancelled, e.g. the stream ended) while its
+    event was in a run: the other requests of that run are answered as usual."""
+    batcher = make(runtime)
+    batcher.start()
+    ref = Reference()
+    xs = events(np.random.default_rng(6), 3)
+    gone = batcher.submit(block(["a"], xs[:1]))
+    kept = batcher.submit(block(["b", "b"], xs[1:]))  # b's second event: the next run
+    gone.future.cancel()
+    await asyncio.wait_for(kept.future, 5)  # type: ignore[arg-type]
+    assert kept.codes.tolist() == [0, 0] and kept.steps.tolist() == [1, 2]
+    for i in (1, 2):
+        np.testing.assert_allclose(kept.outputs[i - 1], ref.step("b", xs[i]), atol=1e-5)
+    a = await batcher.lane.cache.get("a")
+    assert a is not None and a.step == 1  # applied: the caller just never heard
+    await batcher.stop()

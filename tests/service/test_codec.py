@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
-from service.codec import BYTES_FROM, encode_results, event_values, varint
+from service.api.codec import BYTES_FROM, encode_results, event_values, varint
 from service.server import Server
 
 from .reference import Reference

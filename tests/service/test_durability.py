@@ -7,7 +7,8 @@ import random
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -21,6 +22,7 @@ from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
 from model_export import lstm
 from model_export.default import default_parameters
 from service.server import Server
+from service.store.sqlite import SqliteStore
 from tests.conftest import DEVICE, ServerFactory
 from tests.service.client import Ev, answers, request
 from tests.service.models import failing_model
@@ -67,12 +69,12 @@ async def test_sessions_survive_a_restart(start_server: ServerFactory, tmp_path:
     await server.stop()
 
     server = await start_server(state_store=db)
-    assert len(server.batcher.table) == 0  # type: ignore[union-attr]
+    assert len(server.cache.table) == 0  # type: ignore[union-attr]
     async for stub in stub_of(server):
         before = await session(stub, "s3")  # read from the store, not brought into memory
         assert (before.step, before.last_seq) == (4, 4)
         assert_state(before, ref, "s3")
-        assert len(server.batcher.table) == 0  # type: ignore[union-attr]
+        assert len(server.cache.table) == 0  # type: ignore[union-attr]
         plan = [Ev(f"s{i}", x[32 + i], seq=5) for i in range(8)]
         got = answers(await stub.Step(request(plan, columnar=True)))
         for ev, answer in zip(plan, got):  # each continues from its stored state
@@ -97,10 +99,10 @@ async def test_memory_eviction_keeps_the_stored_state(
         ref.step("a", x[0])
         ref.step("a", x[1])
         for _ in range(100):
-            if "a" not in server.batcher.table:  # type: ignore[union-attr]
+            if "a" not in server.cache.table:  # type: ignore[union-attr]
                 break
             await asyncio.sleep(0.05)
-        assert "a" not in server.batcher.table  # type: ignore[union-attr]
+        assert "a" not in server.cache.table  # type: ignore[union-attr]
         got = answers(await stub.Step(request([Ev("a", x[2])])))
         assert got[0].step == 3
         np.testing.assert_allclose(got[0].output, ref.step("a", x[2]), atol=1e-5)
@@ -137,7 +139,7 @@ async def test_session_rpcs_write_through(start_server: ServerFactory, tmp_path:
         assert last.step == 1
         with pytest.raises(grpc.aio.AioRpcError):
             await session(stub, "kept")
-        assert len(server.batcher.table) == 0  # type: ignore[union-attr]
+        assert len(server.cache.table) == 0  # type: ignore[union-attr]
 
 
 async def test_store_ttl_deletes_idle_sessions(start_server: ServerFactory, tmp_path: Path) -> None:
@@ -206,8 +208,10 @@ async def test_a_failing_model_run_stores_nothing(
     async for stub in stub_of(server):
         ok = answers(await stub.Step(request([Ev("a", [1.0, 2.0], seq=1)])), output_size=2)
         assert ok[0].code == 0
+        # A stored session and a new one, each in a run that fails. (A new session is
+        # read from the store first, so it runs after the stored one: two runs.)
         bad = answers(
-            await stub.Step(request([Ev("a", [50.0, 0.0], seq=2), Ev("b", [1.0, 1.0])])),
+            await stub.Step(request([Ev("a", [50.0, 0.0], seq=2), Ev("b", [50.0, 0.0])])),
             output_size=2,
         )
         assert [b.code for b in bad] == [INTERNAL, INTERNAL]
@@ -219,6 +223,49 @@ async def test_a_failing_model_run_stores_nothing(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await session(stub, "b")  # created for the failed run, never stored
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_warm_sessions_are_answered_while_a_cold_one_is_read(
+    start_server: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session read back from a slow store holds up nobody else (a restart, a replica
+    taking sessions over, a slow Redis): warm sessions keep being answered meanwhile."""
+    db = url(tmp_path / "state.db")
+    ref = Reference()
+    x = events(np.random.default_rng(7), 8)
+    server = await start_server(state_store=db)
+    async for stub in stub_of(server):
+        got = answers(await stub.Step(request([Ev("cold", x[0])])))
+        np.testing.assert_allclose(got[0].output, ref.step("cold", x[0]), atol=1e-5)
+    await server.stop()
+
+    release = threading.Event()
+    load = SqliteStore.load
+
+    def slow_load(store: SqliteStore, session_ids: Sequence[str]) -> object:
+        if "cold" in session_ids:  # the store answers this read only when the test says so
+            release.wait(30)
+        return load(store, session_ids)
+
+    monkeypatch.setattr(SqliteStore, "load", slow_load)
+    server = await start_server(state_store=db)
+    try:
+        async for stub in stub_of(server):
+            await stub.Step(request([Ev("warm", x[1])]))
+            ref.step("warm", x[1])
+            cold = asyncio.ensure_future(stub.Step(request([Ev("cold", x[2])])))
+            await asyncio.sleep(0.2)  # admitted, its read under way
+            for k in range(3, 6):
+                got = answers(await asyncio.wait_for(stub.Step(request([Ev("warm", x[k])])), 10))
+                np.testing.assert_allclose(got[0].output, ref.step("warm", x[k]), atol=1e-5)
+                assert got[0].step == k - 1
+            assert not cold.done()
+            release.set()
+            got = answers(await asyncio.wait_for(cold, 10))
+            assert got[0].step == 2  # continued from its stored row
+            np.testing.assert_allclose(got[0].output, ref.step("cold", x[2]), atol=1e-5)
+    finally:
+        release.set()
 
 
 def test_a_store_of_another_model_stops_the_start(tmp_path: Path) -> None:

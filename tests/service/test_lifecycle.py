@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry
 from lstm_bench import procs
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
+from service.api.native import SERVICE_NAME
 from service.server import Server
-from service.servicer import SERVICE_NAME
 from tests.conftest import DEVICE, ServerFactory, make_settings
 from tests.service.client import Ev, answers, request
 from tests.service.reference import Reference, events

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from lstm_bench.cluster import RedisServer
-from service.redis_store import RedisStore, redact
 from service.store import StoreError, StoreLayout, StoreMismatchError, open_store
+from service.store.redis import RedisStore, redact
 from tests.service.test_store import LAYOUT, rows
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.sessions import SessionCapError, SessionTable, session_id_error
+from service.state.table import SessionCapError, SessionTable, session_id_error
 
 
 def table(**kw: int) -> SessionTable:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.store import SqliteStore, StoredRows, StoreError, StoreLayout, StoreMismatchError
+from service.store import StoredRows, StoreError, StoreLayout, StoreMismatchError
+from service.store.sqlite import SqliteStore
 
 LAYOUT = StoreLayout("f" * 64, ("hidden", "cell"), (3, 3), 3, 0)
 

@@ -10,9 +10,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from service.batcher import BatcherClosed, StoreUnavailable
+from service.dataplane import (
+    EngineClosed,
+    InvalidRequest,
+    NotReady,
+    SessionCapError,
+    StoreUnavailable,
+)
 from service.metrics import Metrics
-from service.sessions import SessionCapError
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +57,12 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status a client sees for an exception; never a traceback."""
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
-    if isinstance(exc, BatcherClosed):
+    if isinstance(exc, EngineClosed):
         return grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica"
+    if isinstance(exc, NotReady):
+        return grpc.StatusCode.UNAVAILABLE, "the model is still loading"
+    if isinstance(exc, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, StoreUnavailable):
         return grpc.StatusCode.UNAVAILABLE, "the state store is unavailable; retry later"
     if isinstance(exc, SessionCapError):
@@ -66,7 +75,7 @@ def rpc(method: str, api: str = "native") -> Callable[[F], F]:
 
     The servicer provides ``self.metrics``, ``self.auth`` (an ``Authenticator``) and
     ``self.last_call_at`` (set here, so a draining server can tell when calls have
-    stopped arriving). The handler gets the caller's session-id namespace as a
+    stopped arriving). The handler gets the caller's tenant ("" with auth off) as a
     fourth argument. Handlers raise; only this wrapper aborts.
     """
 
@@ -83,10 +92,10 @@ def rpc(method: str, api: str = "native") -> Callable[[F], F]:
             start = time.perf_counter()
             self.last_call_at = time.monotonic()
             try:
-                namespace = self.auth.namespace(context)  # UNAUTHENTICATED before anything else
+                tenant = self.auth.tenant(context)  # UNAUTHENTICATED before anything else
                 if isinstance(request, Undecodable):
                     raise request.error()
-                response = await handler(self, request, context, namespace)
+                response = await handler(self, request, context, tenant)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:

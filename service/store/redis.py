@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from service.store import (
+from service.store.base import (
     Conflicts,
     StateStore,
     StoredRows,

@@ -1,4 +1,8 @@
-"""The session table: every session's state in preallocated numpy arrays, rows by slot."""
+"""The session table: every session's state in preallocated numpy arrays, rows by slot.
+
+Only this module touches the arrays' rows; the rest of the server asks for
+them with ``gather``/``scatter``/``snapshot`` and the other verbs below.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,12 @@ from itertools import repeat
 
 import numpy as np
 
-from service.store import StoredRows, StoreLayout
+from service.state.keys import tenant_of
+from service.store.base import StoredRows, StoreLayout
 
 
 class SessionCapError(Exception):
-    """The table holds ``max_sessions`` live sessions already."""
+    """The table holds ``max_sessions`` live sessions already (or the tenant its share)."""
 
 
 @dataclass(frozen=True)
@@ -57,15 +62,18 @@ class SessionTable:
         max_sessions: int,
         initial_capacity: int = 1024,
         output_alias: int | None = None,
-        tenant_sep: str | None = None,
+        tenants: bool = False,
+        max_per_tenant: int = 0,
     ):
         self.state_sizes = tuple(state_sizes)
         self.output_size = output_size
         self.output_alias = output_alias
         """When the model's output *is* state ``k`` (plain LSTM: hidden), no copy is kept."""
         self.max_sessions = max_sessions
-        self.tenant_sep = tenant_sep
-        """With tenants, ids are ``TENANT + sep + id``; live sessions are counted per tenant."""
+        self.tenants = tenants
+        """Ids are tenants' keys (``state.keys``); live sessions are counted per tenant."""
+        self.max_per_tenant = max_per_tenant if tenants else 0
+        """With tenants, each holds at most this many live sessions (0 = no cap)."""
         self.tenant_live: Counter[str] = Counter()
         self.index: dict[str, int] = {}
         self.ids = np.empty(0, object)
@@ -103,12 +111,26 @@ class SessionTable:
         return np.fromiter(map(self.index.get, session_ids, repeat(-1)), np.int64, len(session_ids))
 
     def create(self, session_id: str, now: float | None = None) -> int:
-        """A zeroed row for a new session; raises SessionCapError at the cap."""
+        """A zeroed row for a new session; raises SessionCapError at either cap."""
+        if self.max_per_tenant and not self.tenant_room(tenant_of(session_id)):
+            raise SessionCapError(
+                f"this tenant holds its maximum of {self.max_per_tenant} sessions"
+            )
         return int(self.create_many([session_id], time.time() if now is None else now)[0])
 
     def room(self) -> int:
         """How many more sessions fit under the cap."""
         return self.max_sessions - len(self.index)
+
+    def tenant_room(self, tenant: str) -> int:
+        """How many more sessions the tenant may hold (a large number without a cap)."""
+        if not self.max_per_tenant:
+            return self.max_sessions
+        return self.max_per_tenant - self.tenant_live[tenant]
+
+    def tenant_count(self, tenant: str) -> int:
+        """Live sessions of one tenant ("" without tenants: all of them)."""
+        return self.tenant_live[tenant] if self.tenants else len(self.index)
 
     def create_many(self, session_ids: Sequence[str], now: float) -> np.ndarray:
         """Zeroed rows for new, distinct ids, all at once; raises SessionCapError past the cap."""
@@ -133,13 +155,9 @@ class SessionTable:
         column[:] = session_ids
         self.ids[slots] = column
         self.index.update(zip(session_ids, slots.tolist()))
-        if self.tenant_sep is not None:
-            self.tenant_live.update(map(self.tenant_of, session_ids))
+        if self.tenants:
+            self.tenant_live.update(map(tenant_of, session_ids))
         return slots
-
-    def tenant_of(self, session_id: str) -> str:
-        assert self.tenant_sep is not None
-        return session_id.partition(self.tenant_sep)[0]
 
     def restore(self, slots: np.ndarray, rows: StoredRows, layout: StoreLayout) -> int:
         """Fill rows from stored sessions (``slots[i]`` gets ``rows`` entry i; -1 skips it).
@@ -175,9 +193,11 @@ class SessionTable:
             self.updated[slots],
         )
 
-    def reset(self, slot: int) -> None:
+    def reset(self, slot: int, now: float | None = None) -> None:
         """Zero the state of a row; counters are kept."""
         self._zero(slot)
+        if now is not None:
+            self.updated[slot] = now
 
     def write(
         self, slot: int, step: int, last_seq: int, states: Sequence[np.ndarray | None], now: float
@@ -204,11 +224,72 @@ class SessionTable:
             updated=float(self.updated[slot]),
         )
 
+    # -- a run's rows -------------------------------------------------------------
+
+    def gather(self, slots: np.ndarray) -> list[np.ndarray]:
+        """Copies of the rows' states (ONNX Runtime's inputs; the table may grow meanwhile)."""
+        return [t[slots] for t in self.states]
+
+    def scatter(
+        self,
+        slots: np.ndarray,
+        states: Sequence[np.ndarray],
+        output: np.ndarray,
+        step: np.ndarray,
+        last_seq: np.ndarray,
+        now: float,
+    ) -> None:
+        """Write a run's new rows (distinct slots)."""
+        for t, s in zip(self.states, states):
+            t[slots] = s
+        if self.output_alias is None:
+            self.output[slots] = output
+        self.step[slots] = step
+        self.last_seq[slots] = last_seq
+        self.updated[slots] = now
+
+    def steps(self, slots: np.ndarray) -> np.ndarray:
+        return self.step[slots]
+
+    def last_seqs(self, slots: np.ndarray) -> np.ndarray:
+        return self.last_seq[slots]
+
+    def outputs(self, slots: np.ndarray) -> np.ndarray:
+        """Each row's last output (a copy)."""
+        return self.output[slots]
+
+    def version_tags(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What each row was copied from in a shared store: its ``step`` and ``updated``."""
+        return self.step[slots], self.updated[slots]
+
+    def created_at(self, slots: np.ndarray) -> np.ndarray:
+        return self.created[slots]
+
+    def ids_of(self, slots: np.ndarray) -> list[str]:
+        return self.ids[slots].tolist()  # type: ignore[no-any-return]
+
+    def hold(self, slots: np.ndarray) -> None:
+        """One more pending event for each of ``slots`` (a slot may repeat)."""
+        if slots.size == 1:
+            self.pending[slots] += 1
+        else:
+            np.add.at(self.pending, slots, 1)
+
+    def doomed_mask(self, slots: np.ndarray) -> np.ndarray | None:
+        """Which rows were deleted while their events were pending; None when none was."""
+        return self.doomed[slots] if self._n_doomed else None
+
+    def start_over(self, slot: int) -> None:
+        """Zero state and counters: the session is gone from the shared store."""
+        self._zero(slot)
+        self.step[slot] = 0
+        self.last_seq[slot] = 0
+
     def remove(self, session_id: str) -> SessionSnapshot:
         """Drop a session; its row is freed now, or when its pending events are done."""
         slot = self.index.pop(session_id)
-        if self.tenant_sep is not None:
-            self.tenant_live[self.tenant_of(session_id)] -= 1
+        if self.tenants:
+            self.tenant_live[tenant_of(session_id)] -= 1
         snap = self.snapshot(slot)
         if self.pending[slot]:
             self.doomed[slot] = True

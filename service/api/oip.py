@@ -1,4 +1,4 @@
-"""The Open Inference Protocol (KServe V2) with Triton's sequence extension, on the same batcher.
+"""The Open Inference Protocol (KServe V2) with Triton's sequence extension, on the same data plane.
 
 A request's ``n`` rows of input ``event`` are ``n`` consecutive steps of the
 sequence named by its ``sequence_id`` parameter; that sequence *is* the native
@@ -9,7 +9,6 @@ under the same tenant rules. ``sequence_start`` resets it first;
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -18,13 +17,13 @@ import grpc
 import numpy as np
 
 from lstm_stream.oip.v2 import inference_pb2 as pb
-from service.batcher import Batcher, BatcherClosed, Code, EventBlock, Job
-from service.errors import ClientGone, ServiceError, Undecodable, rpc, status_of
+from service.api.errors import ServiceError, Undecodable, rpc, status_of
+from service.api.security import Authenticator
+from service.api.streams import Streams
+from service.dataplane import Code, DataPlane, EventBlock, Job
 from service.metrics import Metrics
-from service.security import Authenticator
 from service.settings import Settings
 
-EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 VERSION = "1"
 PLATFORM = "onnxruntime_onnx"
@@ -37,8 +36,6 @@ _STATUS = {
     Code.INTERNAL: grpc.StatusCode.INTERNAL,
     Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
-_END = object()
-_DRAIN = object()
 
 
 def _invalid(message: str) -> ServiceError:
@@ -62,79 +59,62 @@ class _Stats:
 
 @dataclass
 class _Begun:
-    """A decoded request whose rows are with the batcher."""
+    """A decoded request whose rows are with the data plane."""
 
     request: pb.ModelInferRequest
-    session_id: str
+    tenant: str
+    sequence: str
     end: bool
     raw: bool
     wanted: list[str]
     job: Job
     t0: int
     submitted: int
-    finished: asyncio.Event | None = None
 
 
 class InferenceServicer:
     """``inference.GRPCInferenceService``: converts V2 messages to event blocks and back."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, auth: Authenticator):
+    def __init__(self, settings: Settings, metrics: Metrics, plane: DataPlane, auth: Authenticator):
         self.settings = settings
         self.metrics = metrics
+        self.plane = plane
         self.auth = auth
         self.model_name = settings.model_name
         self.last_call_at = 0.0
-        self._batcher: Batcher | None = None
-        self._streams: set[asyncio.Queue[object]] = set()
-        self._draining = False
+        self.streams = Streams(settings.max_inflight)
         self._stats = _Stats()
-        self._ready = lambda: True
-
-    def attach(self, batcher: Batcher, ready: object) -> None:
-        """Start answering; ``ready()`` tells ServerReady whether the server is serving."""
-        self._batcher = batcher
-        self._ready = ready  # type: ignore[assignment]
-        spec = batcher.runtime.spec
-        self._state_outputs = {f"{n}_out": i for i, n in enumerate(spec.state_names)}
-
-    @property
-    def batcher(self) -> Batcher:
-        if self._batcher is None:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
-        return self._batcher
 
     def start_drain(self) -> None:
-        self._draining = True
-        for queue in list(self._streams):
-            queue.put_nowait(_DRAIN)
+        self.streams.start_drain()
 
     # -- health and metadata -------------------------------------------------------
 
     @rpc("ServerLive", api="oip")
     async def ServerLive(
-        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext, ns: str
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     @rpc("ServerReady", api="oip")
     async def ServerReady(
-        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext, ns: str
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._serving())
 
     def _serving(self) -> bool:
-        return self._batcher is not None and not self._draining and bool(self._ready())
+        return self.plane.serving and not self.streams.draining
 
     @rpc("ModelReady", api="oip")
     async def ModelReady(
-        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext, ns: str
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.ModelReadyResponse:
         known = request.name == self.model_name and request.version in ("", VERSION)
         return pb.ModelReadyResponse(ready=known and self._serving())
 
     @rpc("ServerMetadata", api="oip")
     async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext, ns: str
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name="lstm-stream", version=_package_version(), extensions=list(EXTENSIONS)
@@ -155,7 +135,7 @@ class InferenceServicer:
             )
 
     def _tensors(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-        spec = self.batcher.runtime.spec
+        spec = self.plane.spec
         inputs = [("event", spec.event_size)]
         outputs = [("output", spec.output_size)]
         outputs += [(f"{n}_out", s) for n, s in zip(spec.state_names, spec.state_sizes)]
@@ -163,7 +143,7 @@ class InferenceServicer:
 
     @rpc("ModelMetadata", api="oip")
     async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext, ns: str
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.ModelMetadataResponse:
         self._check_model(request.name, request.version)
         inputs, outputs = self._tensors()
@@ -178,7 +158,7 @@ class InferenceServicer:
 
     @rpc("ModelConfig", api="oip")
     async def ModelConfig(
-        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext, ns: str
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.ModelConfigResponse:
         self._check_model(request.name, request.version)
         inputs, outputs = self._tensors()
@@ -203,7 +183,7 @@ class InferenceServicer:
 
     @rpc("ModelStatistics", api="oip")
     async def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext, ns: str
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.ModelStatisticsResponse:
         if request.name:
             self._check_model(request.name, request.version)
@@ -236,101 +216,59 @@ class InferenceServicer:
 
     @rpc("ModelInfer", api="oip")
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, ns: str
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.ModelInferResponse:
         t0 = time.perf_counter_ns()
         try:
-            begun = await self._begin(request, ns, None, t0)
+            begun = await self._begin(request, tenant, None, t0)
+            await begun.job.future
             return await self._finish(begun)
-        except (ServiceError, BatcherClosed):
+        except Exception:
             self._failed(t0)
             raise
 
     @rpc("ModelStreamInfer", api="oip")
     async def ModelStreamInfer(
-        self, requests: object, context: grpc.aio.ServicerContext, ns: str
+        self, requests: object, context: grpc.aio.ServicerContext, tenant: str
     ) -> None:
-        """A reader task begins requests (at most ``--max-inflight`` ahead); this coroutine
-        answers them in order. A request that fails gets ``error_message``; the stream goes on.
+        """Requests begin at most ``--max-inflight`` ahead and are answered in order. A request
+        that fails gets ``error_message``; the stream goes on. After a ``sequence_end``
+        request nothing more is read until it is answered (the sequence is deleted first).
         """
-        if self._draining:
-            raise BatcherClosed()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        window = asyncio.Semaphore(self.settings.max_inflight)
-        reader = asyncio.get_running_loop().create_task(self._read(context, queue, window, ns))
-        self._streams.add(queue)
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, _Begun):
-                    try:
-                        response = await self._finish(item)
-                        answer = pb.ModelStreamInferResponse(infer_response=response)
-                    except (ServiceError, BatcherClosed) as exc:
-                        self._failed(item.t0)
-                        answer = pb.ModelStreamInferResponse(error_message=status_of(exc)[1])
-                    finally:
-                        if item.finished is not None:
-                            item.finished.set()
-                    await _send(context, answer)
-                elif isinstance(item, pb.ModelStreamInferResponse):
-                    await _send(context, item)
-                elif item is _END:
-                    return
-                elif item is _DRAIN:
-                    raise BatcherClosed()
-                else:
-                    raise item  # type: ignore[misc]
-                window.release()
-        finally:
-            reader.cancel()
-            self._streams.discard(queue)
-
-    async def _read(
-        self,
-        context: grpc.aio.ServicerContext,
-        queue: asyncio.Queue[object],
-        window: asyncio.Semaphore,
-        ns: str,
-    ) -> None:
         started: set[str] = set()
-        try:
-            while True:
-                await window.acquire()
-                request = await context.read()
-                if request is EOF:
-                    queue.put_nowait(_END)
-                    return
-                t0 = time.perf_counter_ns()
-                try:
-                    begun = await self._begin(request, ns, started, t0)
-                except (ServiceError, BatcherClosed) as exc:
-                    self._failed(t0)
-                    error = status_of(exc)[1]
-                    queue.put_nowait(pb.ModelStreamInferResponse(error_message=error))
-                    continue
-                queue.put_nowait(begun)
-                if begun.end:  # the sequence is deleted before anything after it begins
-                    begun.finished = asyncio.Event()
-                    await begun.finished.wait()
-        except Exception as exc:
-            queue.put_nowait(exc)
 
-    async def _begin(self, request: object, ns: str, started: set[str] | None, t0: int) -> _Begun:
-        """Check and decode a request, then hand its rows to the batcher."""
+        async def begin(request: object) -> _Begun:
+            t0 = time.perf_counter_ns()
+            try:
+                return await self._begin(request, tenant, started, t0)
+            except Exception:
+                self._failed(t0)
+                raise
+
+        async def respond(begun: _Begun) -> pb.ModelStreamInferResponse:
+            try:
+                return pb.ModelStreamInferResponse(infer_response=await self._finish(begun))
+            except Exception:
+                self._failed(begun.t0)
+                raise
+
+        await self.streams.serve(context, begin, respond, _refusal, barrier=_ends)
+
+    async def _begin(
+        self, request: object, tenant: str, started: set[str] | None, t0: int
+    ) -> _Begun:
+        """Check and decode a request, then hand its rows to the data plane."""
         if isinstance(request, Undecodable):
             raise request.error()
         assert isinstance(request, pb.ModelInferRequest)
         self._check_model(request.model_name, request.model_version)
-        batcher = self.batcher
+        plane = self.plane
         sequence, start, end = self._sequence(request)
         values, raw = self._event(request)
         wanted = self._wanted(request)
-        session_id = ns + sequence
         if not start and not (
-            session_id in batcher.table
-            or (started is not None and session_id in started)
-            or await batcher.get(session_id) is not None
+            (started is not None and sequence in started)
+            or await plane.has_session(tenant, sequence)
         ):
             raise _invalid(
                 f"inference request for sequence {sequence} to model '{self.model_name}' must "
@@ -339,12 +277,12 @@ class InferenceServicer:
         n = values.shape[0]
         resets = np.zeros(n, np.bool_)
         resets[0] = start
-        block = EventBlock([session_id] * n, values, None, resets)
+        block = EventBlock([sequence] * n, values, None, resets)
         submitted = time.perf_counter_ns()
-        job = batcher.submit(block, include_state=any(w != "output" for w in wanted))
+        job = plane.step(tenant, block, include_state=any(w != "output" for w in wanted))
         if started is not None:
-            started.add(session_id)
-        return _Begun(request, session_id, end, raw, wanted, job, t0, submitted)
+            started.add(sequence)
+        return _Begun(request, tenant, sequence, end, raw, wanted, job, t0, submitted)
 
     def _sequence(self, request: pb.ModelInferRequest) -> tuple[str, bool, bool]:
         params = request.parameters
@@ -377,7 +315,7 @@ class InferenceServicer:
 
     def _event(self, request: pb.ModelInferRequest) -> tuple[np.ndarray, bool]:
         """The ``[n, E]`` float32 rows of input ``event``, and whether they came raw."""
-        e = self.batcher.runtime.spec.event_size
+        e = self.plane.spec.event_size
         if len(request.inputs) != 1 or request.inputs[0].name != "event":
             names = [t.name for t in request.inputs]
             raise _invalid(f"model '{self.model_name}' takes one input named 'event'; got {names}")
@@ -433,9 +371,8 @@ class InferenceServicer:
         return wanted
 
     async def _finish(self, begun: _Begun) -> pb.ModelInferResponse:
-        """Wait for the rows, build the response, end the sequence if asked."""
+        """Build the response once the rows are done; end the sequence if asked."""
         job = begun.job
-        await job.future
         done = time.perf_counter_ns()
         if job.errors:
             i = min(job.errors)
@@ -449,14 +386,14 @@ class InferenceServicer:
                 array = job.outputs
             else:
                 assert job.states is not None
-                array = job.states[self._state_outputs[name]]
+                array = job.states[self._state_index(name)]
             tensor = response.outputs.add(name=name, datatype="FP32", shape=list(array.shape))
             if begun.raw:
                 response.raw_output_contents.append(array.astype("<f4", copy=False).tobytes())
             else:
                 tensor.contents.fp32_contents.extend(array.ravel().tolist())
         if begun.end:
-            await self.batcher.delete(begun.session_id)
+            await self.plane.delete(begun.tenant, begun.sequence)
         end = time.perf_counter_ns()
         st = self._stats
         st.inference_count += job.n
@@ -473,16 +410,25 @@ class InferenceServicer:
             pair[1] += ns
         return response
 
+    def _state_index(self, output: str) -> int:
+        """The state that output ``<name>_out`` returns."""
+        return self.plane.spec.state_names.index(output.removesuffix("_out"))
+
     def _failed(self, t0: int) -> None:
         self._stats.fail[0] += 1
         self._stats.fail[1] += time.perf_counter_ns() - t0
 
 
-async def _send(context: grpc.aio.ServicerContext, response: pb.ModelStreamInferResponse) -> None:
-    try:
-        await context.write(response)
-    except Exception as exc:
-        raise ClientGone() from exc
+def _refusal(exc: Exception) -> pb.ModelStreamInferResponse | None:
+    """A request that fails is answered in the stream, which goes on; None for a bug."""
+    code, message = status_of(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        return None
+    return pb.ModelStreamInferResponse(error_message=message)
+
+
+def _ends(begun: _Begun) -> bool:
+    return begun.end
 
 
 def _package_version() -> str:

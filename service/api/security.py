@@ -9,12 +9,11 @@ from pathlib import Path
 
 import grpc
 
-from service.errors import ServiceError
+from service.api.errors import ServiceError
+from service.dataplane import TENANT_SEP
 
 log = logging.getLogger(__name__)
 
-TENANT_SEP = "\x00"
-"""Between the tenant and the client's id in a session's internal id; tenants never contain it."""
 MAX_TENANT_BYTES = 64
 
 
@@ -142,8 +141,8 @@ class Authenticator:
     def enabled(self) -> bool:
         return self.tokens is not None or self.tenant_from_cert
 
-    def namespace(self, context: grpc.aio.ServicerContext) -> str:
-        """The prefix of the caller's session ids: ``TENANT + TENANT_SEP`` ("" with auth off).
+    def tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's tenant ("" with auth off); it namespaces the caller's session ids.
 
         Raises UNAUTHENTICATED without valid credentials. A token, when sent, decides
         the tenant; otherwise (``--tenant-from-cert``) the verified client certificate.
@@ -161,13 +160,13 @@ class Authenticator:
             tenant = self.tokens.tenant_of(token.strip().encode()) if self.tokens else None
             if tenant is None:
                 raise _unauthenticated("unknown or revoked token")
-            return tenant + TENANT_SEP
+            return tenant
         if self.tenant_from_cert:
             names = list(context.auth_context().get("x509_common_name") or [])
             if names:
                 tenant = names[0].decode("utf-8", "replace")
                 if tenant and TENANT_SEP not in tenant and len(names[0]) <= MAX_TENANT_BYTES:
-                    return tenant + TENANT_SEP
+                    return tenant
             raise _unauthenticated("no client certificate with a common name")
         raise _unauthenticated("missing credentials: send 'authorization: Bearer TOKEN' metadata")
 

@@ -1,0 +1,100 @@
+"""A step plan: which pending events one run applies, and applying its result.
+
+``StepPlan.make`` takes the earliest pending event of each session, marks
+duplicates, gathers the rows' state and zeroes the rows of resets; ``apply``
+scatters the new rows back; ``requeue`` puts events whose rows turned out to be
+stale back at the front of the pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.core.pool import Events, Pool, select
+from service.state.table import SessionTable
+
+
+@dataclass
+class StepPlan:
+    """One run: its events (pool rows), which are duplicates, and the inputs of the rest."""
+
+    events: Events
+    duplicate: np.ndarray
+    """Per event: its seq was applied already; answered as is, not run."""
+    all_apply: bool
+    run_slots: np.ndarray
+    """The rows that step: those of the events that are not duplicates."""
+    values: np.ndarray
+    states: list[np.ndarray]
+    """Copies of the rows' states, zeroed where the event resets."""
+    run_seqs: np.ndarray | None
+    """The applied events' seqs when any event of the run has one."""
+
+    @classmethod
+    def make(cls, pool: Pool, table: SessionTable, max_batch: int) -> StepPlan:
+        events = pool.take(pool.pick(max_batch))
+        slots, seqs = events["slots"], events["seqs"]
+        sequenced = bool(seqs.any())
+        if sequenced:
+            duplicate = (seqs > 0) & (seqs <= table.last_seqs(slots))
+            all_apply = not duplicate.any()
+        else:
+            duplicate = np.zeros(slots.size, np.bool_)
+            all_apply = True
+        apply = ~duplicate
+        run_slots = slots if all_apply else slots[apply]
+        values = events["values"] if all_apply else events["values"][apply]
+        states: list[np.ndarray] = []
+        if run_slots.size:
+            states = table.gather(run_slots)
+            resets = events["resets"] if all_apply else events["resets"][apply]
+            if resets.any():
+                for s in states:
+                    s[resets] = 0.0
+        run_seqs = None
+        if sequenced:
+            run_seqs = seqs if all_apply else seqs[apply]
+        return cls(events, duplicate, all_apply, run_slots, values, states, run_seqs)
+
+    @property
+    def slots(self) -> np.ndarray:
+        """Every event's row, duplicates included."""
+        return self.events["slots"]
+
+    @property
+    def queued_at(self) -> np.ndarray:
+        """When the applied events' requests arrived."""
+        t0 = self.events["t0"]
+        return t0 if self.all_apply else t0[~self.duplicate]
+
+    def counters(self, table: SessionTable) -> tuple[np.ndarray, np.ndarray]:
+        """The rows' ``step`` and ``last_seq`` once the run is applied."""
+        step = table.steps(self.run_slots) + np.uint64(1)
+        last_seq = table.last_seqs(self.run_slots)
+        if self.run_seqs is not None:
+            last_seq = np.maximum(last_seq, self.run_seqs)
+        return step, last_seq
+
+    def apply(
+        self,
+        table: SessionTable,
+        output: np.ndarray,
+        states: list[np.ndarray],
+        step: np.ndarray,
+        last_seq: np.ndarray,
+        now: float,
+    ) -> None:
+        table.scatter(self.run_slots, states, output, step, last_seq, now)
+
+    def requeue(self, pool: Pool, stale: np.ndarray) -> None:
+        """Put the events of ``stale`` (positions in ``run_slots``) back first in the pool,
+        still pending, and leave them out of this plan."""
+        again = stale if self.all_apply else np.flatnonzero(~self.duplicate)[stale]
+        keep = np.ones(self.duplicate.size, np.bool_)
+        keep[again] = False
+        pool.push_front(select(self.events, again))
+        self.events = select(self.events, keep)
+        self.duplicate = self.duplicate[keep]
+        self.run_slots = np.delete(self.run_slots, stale)

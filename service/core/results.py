@@ -1,0 +1,166 @@
+"""Answers: the result arrays of admitted requests, filled in as their events are done."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from itertools import accumulate
+
+import numpy as np
+
+from service.core.pool import Events
+from service.core.types import Code, Failure, Job
+
+
+class Intake:
+    """Result arrays for the requests admitted together; jobs hold views of them."""
+
+    __slots__ = ("codes", "duplicates", "jobs", "outputs", "starts", "states", "steps")
+
+    def __init__(self, jobs: list[Job], output_size: int, state_sizes: Sequence[int]):
+        self.jobs = jobs
+        self.starts = list(accumulate((job.n for job in jobs), initial=0))
+        """Row of each job's first event; ``starts[-1]`` is the number of events."""
+        n = self.starts[-1]
+        self.steps = np.zeros(n, np.uint64)
+        self.outputs = np.zeros((n, output_size), np.float32)
+        self.codes = np.zeros(n, np.int32)
+        self.duplicates = np.zeros(n, np.bool_)
+        with_state = any(job.include_state for job in jobs)
+        self.states = [np.zeros((n, k), np.float32) for k in state_sizes] if with_state else None
+        starts = self.starts
+        for j, job in enumerate(jobs):
+            lo, hi = starts[j], starts[j + 1]
+            job.steps = self.steps[lo:hi]
+            job.outputs = self.outputs[lo:hi]
+            job.codes = self.codes[lo:hi]
+            job.duplicates = self.duplicates[lo:hi]
+            if job.include_state and self.states is not None:
+                job.states = [s[lo:hi] for s in self.states]
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def fail(self, row: int, job: int, code: Code, message: str) -> None:
+        """Refuse one event at admission (it will not count as remaining)."""
+        self.jobs[job].fail(row - self.starts[job], code, message)
+
+
+class Intakes:
+    """Every admitted request with events still to answer, by intake key."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, Intake] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, intake: Intake) -> int:
+        """Keep an intake until its last event is answered; its key for the pool's rows."""
+        key = self._next
+        self._next += 1
+        self._open[key] = intake
+        return key
+
+    def answer(
+        self,
+        events: Events,
+        steps: np.ndarray,
+        outputs: np.ndarray | None,
+        states: Callable[[], list[np.ndarray]],
+        duplicate: np.ndarray,
+        failure: Failure | None,
+    ) -> None:
+        """Copy each event's result into its request; resolve requests that are complete.
+
+        ``steps``/``outputs`` are the sessions' after the run, one row per event;
+        ``states()`` their states, asked for only when a request wants them. With
+        a ``failure``, every event that is not a duplicate gets it instead.
+        """
+        intakes, rows, jobs = events["intake"], events["row"], events["job"]
+        n = intakes.size
+        if not n:
+            return
+        # Events are in pool order, so each intake's events are contiguous.
+        if intakes[0] == intakes[-1]:
+            spans: Sequence[tuple[int, int]] = [(0, n)]
+        else:
+            cuts = (np.flatnonzero(intakes[1:] != intakes[:-1]) + 1).tolist()
+            spans = list(zip([0, *cuts], [*cuts, n]))
+        all_states: list[np.ndarray] | None = None
+        for lo, hi in spans:
+            key = int(intakes[lo])
+            intake = self._open[key]
+            r = rows[lo:hi]
+            intake.steps[r] = steps[lo:hi]
+            if outputs is not None:
+                intake.outputs[r] = outputs[lo:hi]
+            intake.duplicates[r] = duplicate[lo:hi]
+            if intake.states is not None and outputs is not None:
+                if all_states is None:
+                    all_states = states()
+                for out, s in zip(intake.states, all_states):
+                    out[r] = s[lo:hi]
+            if failure is not None:
+                bad = r[~duplicate[lo:hi]]
+                intake.codes[bad] = failure[0]
+                intake.outputs[bad] = 0.0
+            self._done(key, intake, r, jobs[lo:hi], failure, duplicate[lo:hi])
+
+    def fail(self, events: Events, code: Code, message: str) -> None:
+        """Answer these events (none applied) with ``code``."""
+        n = events["intake"].size
+        self.answer(
+            events,
+            np.zeros(n, np.uint64),
+            None,
+            list,
+            np.zeros(n, np.bool_),
+            (code, message),
+        )
+
+    def _done(
+        self,
+        key: int,
+        intake: Intake,
+        rows: np.ndarray,
+        jobs: np.ndarray,
+        failure: Failure | None,
+        duplicate: np.ndarray,
+    ) -> None:
+        # Within an intake, events keep their order, so job numbers never decrease
+        # (refused cold events may come later, out of order: unique() still counts them).
+        if jobs[0] == jobs[-1]:
+            per_job: Sequence[tuple[int, int]] = [(int(jobs[0]), jobs.size)]
+        else:
+            done_jobs, done_counts = np.unique(jobs, return_counts=True)
+            per_job = list(zip(done_jobs.tolist(), done_counts.tolist()))
+        finished = 0
+        for j, count in per_job:
+            job = intake.jobs[j]
+            if failure is not None:
+                for i in rows[(jobs == j) & ~duplicate].tolist():
+                    job.errors[i - intake.starts[j]] = failure[1]
+            job.remaining -= count
+            if job.remaining == 0:
+                job.resolve()
+                finished += 1
+        if finished and all(jb.remaining == 0 for jb in intake.jobs):
+            del self._open[key]
+
+    def fail_all(self, message: str) -> None:
+        """After a core bug: answer every unanswered event INTERNAL; no caller hangs.
+
+        An event counts as answered once it has a step or is a duplicate.
+        """
+        for intake in self._open.values():
+            unanswered = (intake.codes == 0) & (intake.steps == 0) & ~intake.duplicates
+            for j, job in enumerate(intake.jobs):
+                if job.future.done():
+                    continue
+                lo, hi = intake.starts[j], intake.starts[j + 1]
+                for i in np.flatnonzero(unanswered[lo:hi]).tolist():
+                    job.fail(i, Code.INTERNAL, message)
+                job.remaining = 0
+                job.resolve()
+        self._open.clear()
