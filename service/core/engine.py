@@ -210,35 +210,34 @@ class Engine:
             return (Code.UNAVAILABLE, STORE_FAILED)  # fail fast; the probe sees recovery
         started = time.perf_counter()
         self.metrics.queue_seconds.observe_many(started - plan.queued_at)
+        runtime = lane.runtime
         try:
-            output, states = await self._infer(lane.runtime, plan)
+            if plan.run_slots.size <= self.inline_batch:
+                # A tiny run costs less than the hop to the worker thread and back.
+                output, states, cpu = runtime.timed_run(plan.values, plan.states)
+            else:
+                output, states, cpu = await self._worker.call(
+                    runtime.timed_run, plan.values, plan.states
+                )
         except Exception:
             log.exception("ONNX Runtime failed on a batch of %d events", plan.run_slots.size)
             return (Code.INTERNAL, MODEL_FAILED)
+        self.metrics.inference_cpu.inc(cpu)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(plan.run_slots.size)
         step, last_seq = plan.counters(table)
         now = time.time()
-        try:
-            conflicts = await cache.commit(plan.run_slots, step, last_seq, states, output, now)
-        except StoreUnavailable:
-            return (Code.UNAVAILABLE, STORE_FAILED)
+        conflicts = None
+        if cache.persistent:
+            try:
+                conflicts = await cache.commit(plan.run_slots, step, last_seq, states, output, now)
+            except StoreUnavailable:
+                return (Code.UNAVAILABLE, STORE_FAILED)
         plan.apply(table, output, states, step, last_seq, now)
         if conflicts is not None:
             cache.reload(plan.run_slots[conflicts.index], conflicts)
             plan.requeue(lane.pool, conflicts.index)
         return None
-
-    async def _infer(self, runtime: Runtime, plan: StepPlan) -> tuple[np.ndarray, list[np.ndarray]]:
-        if plan.run_slots.size <= self.inline_batch:
-            # A tiny run costs less than the hop to the worker thread and back.
-            output, states, cpu = runtime.timed_run(plan.values, plan.states)
-        else:
-            output, states, cpu = await self._worker.call(
-                runtime.timed_run, plan.values, plan.states
-            )
-        self.metrics.inference_cpu.inc(cpu)
-        return output, states
 
     def _answer(self, lane: Lane, plan: StepPlan, failure: Failure | None) -> None:
         table = lane.cache.table

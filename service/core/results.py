@@ -143,7 +143,9 @@ class Intakes:
                     job.errors[i - intake.starts[j]] = failure[1]
             job.remaining -= count
             if job.remaining == 0:
-                job.resolve()
+                future = job.future
+                if not future.done():  # done: its caller left; the run goes on (Job.resolve)
+                    future.set_result(None)
                 finished += 1
         if finished and all(jb.remaining == 0 for jb in intake.jobs):
             del self._open[key]
