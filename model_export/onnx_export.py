@@ -1,4 +1,4 @@
-"""Builds and validates the one-step ONNX model of DESIGN.md §2."""
+"""Builds and validates the one-step ONNX model of the seed's single-layer LSTM."""
 
 from __future__ import annotations
 

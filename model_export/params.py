@@ -35,7 +35,7 @@ def load_parameters(path: str | os.PathLike[str]) -> Parameters:
 
 
 def parameters_from_arrays(arrays: dict[str, np.ndarray], source: str = "parameters") -> Parameters:
-    """Build ``Parameters`` from named arrays, rejecting anything DESIGN.md §1 does not allow."""
+    """Build ``Parameters`` from named arrays, rejecting anything the seed form does not allow."""
     missing = [k for k in PARAMETER_NAMES if k not in arrays]
     if missing:
         raise ParameterFileError(f"{source}: missing key(s) {', '.join(missing)}")

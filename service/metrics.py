@@ -82,7 +82,7 @@ def _le(bound: float) -> str:
 
 
 class Metrics:
-    """Every metric of DESIGN.md §4, prefix ``lstm_``; labels never carry a session id."""
+    """Every metric of the server, prefix ``lstm_``; labels never carry a session id."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()

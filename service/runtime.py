@@ -19,7 +19,7 @@ EMBEDDED_SOURCE = "embedded-default"
 
 
 class ModelContractError(ValueError):
-    """The model does not follow DESIGN.md §2 (names, dtypes, shapes)."""
+    """The model does not follow the step contract (names, dtypes, shapes)."""
 
 
 class ModelOutputError(RuntimeError):

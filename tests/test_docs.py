@@ -17,12 +17,6 @@ PROTOCOL = ROOT / "docs" / "PROTOCOL.md"
 
 OUTSIDE = "../" + "shared"  # spelled in two parts so that this file does not match itself
 
-PENDING = {
-    # TODO(issue 19): docs/ARCHITECTURE.md is being rewritten without its reference to the
-    # team's design notes; empty this set once that lands.
-    "docs/ARCHITECTURE.md",
-}
-
 
 def tracked_files() -> list[str]:
     if not (ROOT / ".git").exists():
@@ -41,7 +35,7 @@ def test_no_tracked_file_points_outside_the_repository() -> None:
             continue  # deleted in the working tree, not yet committed
         if OUTSIDE.encode() in path.read_bytes():
             offenders.append(name)
-    assert sorted(set(offenders) - PENDING) == [], f"{OUTSIDE} is referenced by {offenders}"
+    assert offenders == [], f"{OUTSIDE} is referenced by {offenders}"
 
 
 def test_the_readme_points_to_the_protocol_document() -> None:

@@ -89,7 +89,7 @@ def test_step_composes_the_gates() -> None:
     expected_c = lstm.forget_gate(x, h, c, p) + lstm.input_gate(x, h, p)
     np.testing.assert_allclose(new_c, expected_c)
     np.testing.assert_allclose(new_h, lstm.output_gate(x, h, expected_c, p))
-    # Spelled out from DESIGN.md §1, independently of the gate helpers.
+    # Spelled out from the LSTM equations, independently of the gate helpers.
     a = p.arrays()
 
     def z(g: str) -> np.ndarray:

@@ -9,7 +9,7 @@ from model_export.default import default_parameters
 
 
 class Reference:
-    """Per-session float64 state advanced with ``lstm.step``, as DESIGN.md §1 defines it."""
+    """Per-session float64 state advanced with ``lstm.step``, as the seed's LSTM defines it."""
 
     def __init__(self, parameters: lstm.Parameters | None = None):
         self.p = parameters or default_parameters()

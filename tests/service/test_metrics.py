@@ -1,4 +1,4 @@
-"""/metrics over HTTP: every metric of DESIGN.md §4 moves as traffic flows."""
+"""/metrics over HTTP: every metric moves as traffic flows."""
 
 from __future__ import annotations
 

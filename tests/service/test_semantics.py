@@ -1,4 +1,4 @@
-"""Duplicates, reset, TTL eviction, the session cap, session RPCs and model info (DESIGN.md §3)."""
+"""Duplicates, reset, TTL eviction, the session cap, session RPCs and model info."""
 
 from __future__ import annotations
 
