@@ -213,17 +213,31 @@ def session_json(session: Any) -> str:
             "last_seq": session.last_seq,
             "hidden": list(session.hidden),
             "cell": list(session.cell),
+            # A model's other states (e.g. from an imported graph), by name.
+            **{state.name: list(state.values) for state in session.states},
         }
     )
 
 
 def info_json(info: Any) -> str:
     """Every field of ModelInfo, zeros and empty strings included (protobuf omits those)."""
-    record = {}
-    for field in info.DESCRIPTOR.fields:
-        value = getattr(info, field.name)
-        record[field.name] = list(value) if field.is_repeated else value
-    return json.dumps(record)
+    return json.dumps(_fields(info))
+
+
+def _fields(message: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        kind = field.message_type
+        if kind is not None and kind.GetOptions().map_entry:
+            record[field.name] = dict(value)
+        elif field.is_repeated:
+            record[field.name] = list(value)
+        elif kind is not None:
+            record[field.name] = _fields(value)
+        else:
+            record[field.name] = value
+    return record
 
 
 def health_command(client: Client, retry_for: float, on_retry: Any) -> int:

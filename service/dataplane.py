@@ -66,10 +66,12 @@ class DataPlane:
         self.max_session_id_bytes = max_session_id_bytes
         self.max_sessions = max_sessions
         self._engine: Engine | None = None
+        self._spec: ModelSpec | None = None
         self._closed = False
 
     def attach(self, engine: Engine) -> None:
         """Start answering: the model is loaded and warmed up."""
+        self._spec = engine.lane.runtime.spec
         self._engine = engine
 
     def close(self) -> None:
@@ -90,7 +92,9 @@ class DataPlane:
 
     @property
     def spec(self) -> ModelSpec:
-        return self.engine.lane.runtime.spec
+        if self._spec is None:
+            raise NotReady("the model is still loading")
+        return self._spec
 
     @property
     def serving(self) -> bool:
@@ -101,7 +105,9 @@ class DataPlane:
 
     def step(self, tenant: str, block: EventBlock, include_state: bool = False) -> Job:
         """Queue a request's events (ids as the tenant sent them); ``job.future`` answers."""
-        engine = self.engine
+        engine = self._engine
+        if engine is None:
+            raise NotReady("the model is still loading")
         if tenant:
             self._scope(tenant, block)
         return engine.submit(block, include_state)
@@ -151,6 +157,10 @@ class DataPlane:
         """Create or overwrite a session; a state left out (or empty) is zeros."""
         sid = self._key(tenant, session_id)
         spec = self.spec
+        unknown = [name for name in states if name not in spec.state_names]
+        if unknown:
+            layout = ", ".join(f"{n}[{k}]" for n, k in zip(spec.state_names, spec.state_sizes))
+            raise InvalidRequest(f"the model has no state {unknown[0]!r}; its states are {layout}")
         rows: list[np.ndarray | None] = [None] * len(spec.state_names)
         for i, (name, size) in enumerate(zip(spec.state_names, spec.state_sizes)):
             values = states.get(name)

@@ -43,8 +43,16 @@ class StepRequest(_message.Message):
     batch: EventBatch
     def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., include_state: _Optional[bool] = ..., batch: _Optional[_Union[EventBatch, _Mapping]] = ...) -> None: ...
 
+class NamedState(_message.Message):
+    __slots__ = ("name", "values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class Result(_message.Message):
-    __slots__ = ("session_id", "seq", "step", "output", "duplicate", "code", "error", "hidden", "cell")
+    __slots__ = ("session_id", "seq", "step", "output", "duplicate", "code", "error", "hidden", "cell", "states")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +62,7 @@ class Result(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     CELL_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     step: int
@@ -63,7 +72,8 @@ class Result(_message.Message):
     error: str
     hidden: _containers.RepeatedScalarFieldContainer[float]
     cell: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., step: _Optional[int] = ..., output: _Optional[_Iterable[float]] = ..., duplicate: _Optional[bool] = ..., code: _Optional[int] = ..., error: _Optional[str] = ..., hidden: _Optional[_Iterable[float]] = ..., cell: _Optional[_Iterable[float]] = ...) -> None: ...
+    states: _containers.RepeatedCompositeFieldContainer[NamedState]
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., step: _Optional[int] = ..., output: _Optional[_Iterable[float]] = ..., duplicate: _Optional[bool] = ..., code: _Optional[int] = ..., error: _Optional[str] = ..., hidden: _Optional[_Iterable[float]] = ..., cell: _Optional[_Iterable[float]] = ..., states: _Optional[_Iterable[_Union[NamedState, _Mapping]]] = ...) -> None: ...
 
 class ResultBatch(_message.Message):
     __slots__ = ("steps", "outputs", "codes", "duplicates", "errors")
@@ -98,7 +108,7 @@ class SessionRef(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "step", "last_seq", "hidden", "cell", "created", "updated", "output")
+    __slots__ = ("session_id", "step", "last_seq", "hidden", "cell", "created", "updated", "output", "states")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +117,7 @@ class Session(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     last_seq: int
@@ -115,14 +126,42 @@ class Session(_message.Message):
     created: _timestamp_pb2.Timestamp
     updated: _timestamp_pb2.Timestamp
     output: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., last_seq: _Optional[int] = ..., hidden: _Optional[_Iterable[float]] = ..., cell: _Optional[_Iterable[float]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output: _Optional[_Iterable[float]] = ...) -> None: ...
+    states: _containers.RepeatedCompositeFieldContainer[NamedState]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., last_seq: _Optional[int] = ..., hidden: _Optional[_Iterable[float]] = ..., cell: _Optional[_Iterable[float]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output: _Optional[_Iterable[float]] = ..., states: _Optional[_Iterable[_Union[NamedState, _Mapping]]] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ModelArchitecture(_message.Message):
+    __slots__ = ("cell", "layers", "hidden_size", "proj_size", "head", "output_activation", "source_framework", "source_file")
+    CELL_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PROJ_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FRAMEWORK_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FILE_FIELD_NUMBER: _ClassVar[int]
+    cell: str
+    layers: int
+    hidden_size: int
+    proj_size: int
+    head: str
+    output_activation: str
+    source_framework: str
+    source_file: str
+    def __init__(self, cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., proj_size: _Optional[int] = ..., head: _Optional[str] = ..., output_activation: _Optional[str] = ..., source_framework: _Optional[str] = ..., source_file: _Optional[str] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
-    __slots__ = ("event_size", "hidden_size", "output_size", "exporter_version", "fingerprint", "execution_provider", "source", "state_names", "onnxruntime_version", "live_sessions", "max_sessions")
+    __slots__ = ("event_size", "hidden_size", "output_size", "exporter_version", "fingerprint", "execution_provider", "source", "state_names", "onnxruntime_version", "live_sessions", "max_sessions", "state_sizes", "architecture", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     EVENT_SIZE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +173,9 @@ class ModelInfo(_message.Message):
     ONNXRUNTIME_VERSION_FIELD_NUMBER: _ClassVar[int]
     LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    STATE_SIZES_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     event_size: int
     hidden_size: int
     output_size: int
@@ -145,4 +187,7 @@ class ModelInfo(_message.Message):
     onnxruntime_version: str
     live_sessions: int
     max_sessions: int
-    def __init__(self, event_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., output_size: _Optional[int] = ..., exporter_version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., execution_provider: _Optional[str] = ..., source: _Optional[str] = ..., state_names: _Optional[_Iterable[str]] = ..., onnxruntime_version: _Optional[str] = ..., live_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ...) -> None: ...
+    state_sizes: _containers.RepeatedScalarFieldContainer[int]
+    architecture: ModelArchitecture
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, event_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., output_size: _Optional[int] = ..., exporter_version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., execution_provider: _Optional[str] = ..., source: _Optional[str] = ..., state_names: _Optional[_Iterable[str]] = ..., onnxruntime_version: _Optional[str] = ..., live_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., state_sizes: _Optional[_Iterable[int]] = ..., architecture: _Optional[_Union[ModelArchitecture, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...

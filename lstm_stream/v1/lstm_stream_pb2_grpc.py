@@ -122,8 +122,9 @@ class LstmStreamServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PutSession(self, request, context):
-        """Create or overwrite a session's state (restore, migration). Empty hidden /
-        cell mean zeros; otherwise they must have the model's sizes.
+        """Create or overwrite a session's state (restore, migration). A state left
+        out (or empty) means zeros; one given must have the model's size.
+        INVALID_ARGUMENT for a state the model does not have.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,7 +145,7 @@ class LstmStreamServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """Sizes, fingerprint, execution provider.
+        """Sizes, states, architecture, fingerprint, execution provider.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

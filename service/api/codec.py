@@ -31,6 +31,9 @@ _CODE = b"\x30"  # Result.code = 6
 _ERROR = b"\x3a"  # Result.error = 7
 _HIDDEN = 0x42  # Result.hidden = 8 (packed)
 _CELL = 0x4A  # Result.cell = 9 (packed)
+_STATES = b"\x52"  # Result.states = 10 (NamedState messages)
+_STATE_NAME = b"\x0a"  # NamedState.name = 1
+_STATE_VALUES = 0x12  # NamedState.values = 2 (packed)
 _VALUES = 0x1A  # Event.values = 3 (packed)
 _RESET = b"\x20\x01"  # Event.reset = 4, true
 
@@ -64,12 +67,13 @@ def encode_results(
     errors: dict[int, tuple[int, str]],
     hidden: np.ndarray | None = None,
     cell: np.ndarray | None = None,
+    named: Sequence[tuple[str, np.ndarray]] = (),
 ) -> bytes:
     """A ``StepResponse`` with one ``Result`` per event, serialised.
 
-    ``outputs`` (and ``hidden``/``cell`` when the client asked for state) are
-    ``[n, k]`` float32 rows; an event in ``errors`` gets its code and message and
-    no output or state, as in DESIGN.md §3.
+    ``outputs`` (and ``hidden``/``cell`` and the ``named`` other states when the
+    client asked for state) are ``[n, k]`` float32 rows; an event in ``errors``
+    gets its code and message and no output or state, as docs/PROTOCOL.md says.
     """
     n = len(session_ids)
     width = outputs.shape[1]
@@ -80,6 +84,14 @@ def encode_results(
     for tag, rows in ((_HIDDEN, hidden), (_CELL, cell)):
         if rows is not None and rows.shape[1]:
             states.append((packed_floats_header(tag, rows.shape[1]), rows))
+    for name, rows in named:
+        # A NamedState: its name, then its packed values; the entry's length is fixed.
+        key = name.encode()
+        entry = _STATE_NAME + varint(len(key)) + key if key else b""
+        if rows.shape[1]:
+            entry += packed_floats_header(_STATE_VALUES, rows.shape[1])
+        entry_len = len(entry) + 4 * rows.shape[1]
+        states.append((_STATES + varint(entry_len) + entry, rows))
     state_bytes = [(head, rows.astype("<f4", copy=False).tobytes()) for head, rows in states]
     parts: list[bytes] = []
     for i in range(n):

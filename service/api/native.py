@@ -170,9 +170,11 @@ class LstmStreamServicer:
         seqs = block.seqs.tolist() if block.seqs is not None else [0] * job.n
         failed = {i: (int(job.codes[i]), message) for i, message in job.errors.items()}
         hidden = cell = None
+        others: list[tuple[str, np.ndarray]] = []
         if job.states is not None:
-            names = self.plane.spec.state_names
-            hidden, cell = _named(job.states, names, "hidden"), _named(job.states, names, "cell")
+            named = dict(zip(self.plane.spec.state_names, job.states))
+            hidden, cell = named.pop("hidden", None), named.pop("cell", None)
+            others = list(named.items())
         return encode_results(
             begun.ids,
             seqs,
@@ -182,6 +184,7 @@ class LstmStreamServicer:
             failed,
             hidden,
             cell,
+            others,
         )
 
     # -- session RPCs ------------------------------------------------------------------
@@ -195,10 +198,13 @@ class LstmStreamServicer:
             created=_timestamp(snap.created),
             updated=_timestamp(snap.updated),
         )
-        names = self.plane.spec.state_names
-        for name, field in (("hidden", message.hidden), ("cell", message.cell)):
-            if name in names:
-                field.extend(snap.states[names.index(name)].tolist())
+        for name, values in zip(self.plane.spec.state_names, snap.states):
+            if name == "hidden":
+                message.hidden.extend(values.tolist())
+            elif name == "cell":
+                message.cell.extend(values.tolist())
+            else:
+                message.states.add(name=name, values=values.tolist())
         return message
 
     @staticmethod
@@ -218,7 +224,16 @@ class LstmStreamServicer:
     async def PutSession(
         self, request: pb.Session, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.Session:
-        states = {"hidden": request.hidden, "cell": request.cell}
+        states: dict[str, Sequence[float]] = {}
+        for name, values in (("hidden", request.hidden), ("cell", request.cell)):
+            if len(values):
+                states[name] = values
+        for named in request.states:
+            if named.name in states:
+                raise ServiceError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"state {named.name!r} is given twice"
+                )
+            states[named.name] = named.values
         snap = await self.plane.put(
             tenant, request.session_id, request.step, request.last_seq, states
         )
@@ -246,6 +261,7 @@ class LstmStreamServicer:
         info = self.plane.info(tenant)
         spec = info.spec
         sizes = dict(zip(spec.state_names, spec.state_sizes))
+        meta = spec.metadata
         return pb.ModelInfo(
             event_size=spec.event_size,
             hidden_size=sizes.get("hidden", 0),
@@ -258,6 +274,18 @@ class LstmStreamServicer:
             onnxruntime_version=onnxruntime.__version__,
             live_sessions=info.live_sessions,  # with tenants, the caller's own
             max_sessions=info.max_sessions,
+            state_sizes=list(spec.state_sizes),
+            architecture=pb.ModelArchitecture(
+                cell=meta.get("cell", ""),
+                layers=_number(meta.get("layers")),
+                hidden_size=_number(meta.get("hidden_size")),
+                proj_size=_number(meta.get("proj_size")),
+                head=meta.get("head", ""),
+                output_activation=meta.get("output_activation", ""),
+                source_framework=meta.get("source_framework", ""),
+                source_file=meta.get("source_file", ""),
+            ),
+            metadata=meta,
         )
 
 
@@ -269,8 +297,12 @@ def _refusal(exc: Exception) -> pb.StepResponse | None:
     return pb.StepResponse(code=code.value[0], error=message)
 
 
-def _named(states: list[np.ndarray], names: Sequence[str], name: str) -> np.ndarray | None:
-    return states[names.index(name)] if name in names else None
+def _number(text: str | None) -> int:
+    """A metadata number; 0 when absent or not a number (another exporter's graph)."""
+    try:
+        return max(int(text or 0), 0)
+    except ValueError:
+        return 0
 
 
 def _timestamp(seconds: float) -> Timestamp:

@@ -28,6 +28,7 @@ def protobuf_results(
     errors: dict[int, tuple[int, str]],
     hidden: np.ndarray | None,
     cell: np.ndarray | None,
+    named: list[tuple[str, np.ndarray]],
 ) -> bytes:
     """The same answer built as messages (how the servicer used to) and serialised."""
     response = pb.StepResponse()
@@ -42,6 +43,8 @@ def protobuf_results(
             r.hidden.extend(hidden[i].tolist())
         if cell is not None:
             r.cell.extend(cell[i].tolist())
+        for name, rows in named:
+            r.states.add(name=name, values=rows[i].tolist())
     return response.SerializeToString()
 
 
@@ -53,7 +56,17 @@ def answers(draw: st.DrawFn) -> tuple:
     outputs = np.array(draw(rows), np.float32).reshape(n, width)
     with_state = draw(st.booleans())
     hidden = np.array(draw(rows), np.float32).reshape(n, width) if with_state else None
-    cell = np.array(draw(rows), np.float32).reshape(n, width) if with_state else None
+    cell = (
+        np.array(draw(rows), np.float32).reshape(n, width)
+        if with_state and draw(st.booleans())
+        else None
+    )
+    named = []
+    if with_state:
+        for name in draw(st.lists(st.text(max_size=8), max_size=2)):
+            k = draw(st.sampled_from([0, 1, 5]))
+            lists = st.lists(st.lists(FLOATS, min_size=k, max_size=k), min_size=n, max_size=n)
+            named.append((name, np.array(draw(lists), np.float32).reshape(n, k)))
     errors = draw(
         st.dictionaries(
             st.integers(0, max(n - 1, 0)) if n else st.nothing(),
@@ -70,6 +83,7 @@ def answers(draw: st.DrawFn) -> tuple:
         errors,
         hidden,
         cell,
+        named,
     )
 
 
