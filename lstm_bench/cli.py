@@ -88,7 +88,11 @@ def measure(
     def delta(key: str) -> float:
         return m1.get(key, 0.0) - m0.get(key, 0.0)
 
-    batches = delta("lstm_batch_size_count")
+    def total(name: str) -> float:
+        """A metric summed over its labels (e.g. every model version's)."""
+        return sum(delta(k) for k in m1 if k == name or k.startswith(name + "{"))
+
+    batches = total("lstm_batch_size_count")
     events_in_window = events * elapsed / seconds
     # A server this tool did not start (--address): its CPU, memory and metrics are unknown.
     seen = target.visible
@@ -112,7 +116,7 @@ def measure(
         }
         if seen
         else None,
-        "mean_batch": delta("lstm_batch_size_sum") / batches if batches else None,
+        "mean_batch": total("lstm_batch_size_sum") / batches if batches else None,
         "store_calls_per_s": sum(
             delta(k) for k in m1 if k.startswith("lstm_store_duration_seconds_count")
         )

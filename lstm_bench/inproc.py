@@ -21,11 +21,12 @@ from service.api.native import LstmStreamServicer
 from service.core.engine import Engine
 from service.dataplane import DataPlane
 from service.metrics import Metrics
-from service.runtime import Runtime, load_model_bytes
+from service.models import LoadSettings, Registry
+from service.repository import SingleModel
 from service.settings import Settings
-from service.state.cache import SessionCache, StoreAccess
-from service.state.table import SessionTable
-from service.store import NullStore, StoreLayout
+from service.state.cache import StoreAccess
+from service.state.table import Limits
+from service.store import NullStore
 
 
 def requests(form: str, streams: int, events: int, event_size: int) -> list[pb.StepRequest]:
@@ -48,17 +49,24 @@ def requests(form: str, streams: int, events: int, event_size: int) -> list[pb.S
 
 
 async def measure(form: str, streams: int, events: int, rounds: int, inline_batch: int) -> None:
-    runtime = Runtime(*load_model_bytes(None), "cpu")
-    spec = runtime.spec
-    table = SessionTable(spec.state_sizes, spec.output_size, 10**6, output_alias=spec.output_alias)
     metrics = Metrics(CollectorRegistry())
-    layout = StoreLayout("", spec.state_names, spec.state_sizes, spec.output_size, None)
-    cache = SessionCache(table, layout, StoreAccess(NullStore(), metrics), metrics)
-    engine = Engine(runtime, cache, metrics, 1024, 128, inline_batch)
+    access = StoreAccess(NullStore(), metrics)
+    engine = Engine(metrics, access, 1024, 128, inline_batch)
+    registry = Registry(
+        engine,
+        access,
+        Limits(10**6),
+        metrics,
+        SingleModel("lstm", None),  # the embedded default model
+        LoadSettings("cpu", 1, 1024, 1024),
+        "lstm",
+    )
+    await registry.sync()
     engine.start()
     plane = DataPlane(128, 10**6)
-    plane.attach(engine)
+    plane.attach(engine, registry)
     servicer = LstmStreamServicer(Settings(), metrics, plane)
+    spec = plane.spec()
     batch = requests(form, streams, events, spec.event_size)
 
     async def round_trip() -> None:
@@ -83,6 +91,7 @@ async def measure(form: str, streams: int, events: int, rounds: int, inline_batc
         f"wall {(time.perf_counter() - wall0) / n * 1e6:.1f} us"
     )
     await engine.stop()
+    await access.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

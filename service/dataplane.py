@@ -1,9 +1,9 @@
-"""The data plane: the one facade every API calls — step, the session verbs, model info.
+"""The data plane: the one facade every API calls — step, the session verbs, models.
 
 APIs convert their messages to these calls and back, and raise nothing of
-their own about sessions: the facade checks ids and states, namespaces a
-tenant's ids (``state.keys``), and raises the domain errors below, which the
-APIs map to status codes in one place.
+their own about sessions: the facade checks ids, namespaces a tenant's ids
+(``state.keys``), finds the model a call names, and raises the domain errors
+below, which the APIs map to status codes in one place.
 """
 
 from __future__ import annotations
@@ -15,25 +15,33 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.core.engine import Engine
+from service.core.model import ServedModel
+from service.core.sessions import Found, Sessions
 from service.core.types import (
+    CannotMove,
     Code,
     EngineClosed,
     EventBlock,
+    InvalidRequest,
     Job,
     NotReady,
+    UnknownModel,
 )
+from service.models import Registry, VersionStatus
 from service.runtime import ModelSpec
-from service.state.cache import SessionCache, StoreUnavailable
+from service.state.cache import StoreUnavailable
 from service.state.keys import SEP as TENANT_SEP
 from service.state.keys import key, keys
 from service.state.table import SessionCapError, SessionSnapshot, session_id_error
 
 __all__ = [
     "TENANT_SEP",
+    "CannotMove",
     "Code",
     "DataPlane",
     "EngineClosed",
     "EventBlock",
+    "Found",
     "InvalidRequest",
     "Job",
     "ModelInfo",
@@ -41,38 +49,41 @@ __all__ = [
     "SessionCapError",
     "SessionSnapshot",
     "StoreUnavailable",
+    "UnknownModel",
+    "VersionStatus",
 ]
-
-
-class InvalidRequest(ValueError):
-    """The call's arguments are wrong (INVALID_ARGUMENT); nothing was changed."""
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What ``GetModelInfo`` shows a tenant."""
+    """What ``GetModelInfo`` shows a tenant about one model version."""
 
+    model: str
+    version: int
+    versions: tuple[int, ...]
+    """The versions ready now."""
     spec: ModelSpec
     provider: str
     live_sessions: int
-    """The caller's tenant's sessions in memory (all of them without tenants)."""
+    """The caller's tenant's sessions in memory on this model (all without tenants)."""
     max_sessions: int
+    retire_policy: str
 
 
 class DataPlane:
-    """Every API's way in. Answers NotReady until ``attach`` (the model is loaded)."""
+    """Every API's way in. Answers NotReady until ``attach`` (the models are loaded)."""
 
     def __init__(self, max_session_id_bytes: int, max_sessions: int):
         self.max_session_id_bytes = max_session_id_bytes
         self.max_sessions = max_sessions
         self._engine: Engine | None = None
-        self._spec: ModelSpec | None = None
+        self._registry: Registry | None = None
         self._closed = False
 
-    def attach(self, engine: Engine) -> None:
-        """Start answering: the model is loaded and warmed up."""
-        self._spec = engine.lane.runtime.spec
+    def attach(self, engine: Engine, registry: Registry) -> None:
+        """Start answering."""
         self._engine = engine
+        self._registry = registry
 
     def close(self) -> None:
         """Take no new events or session writes (the server is draining)."""
@@ -87,30 +98,54 @@ class DataPlane:
         return self._engine
 
     @property
-    def _cache(self) -> SessionCache:
-        return self.engine.lane.cache
-
-    @property
-    def spec(self) -> ModelSpec:
-        if self._spec is None:
+    def registry(self) -> Registry:
+        if self._registry is None:
             raise NotReady("the model is still loading")
-        return self._spec
+        return self._registry
 
     @property
     def serving(self) -> bool:
-        """Loaded, not draining, and the state store takes writes."""
-        return self._engine is not None and not self._closed and self._cache.failure is None
+        """Attached, not draining, a model serves, and the state store takes writes."""
+        engine = self._engine
+        return (
+            engine is not None
+            and not self._closed
+            and any(m.newest is not None for m in engine.models.values())
+            and engine.store.health.ok
+        )
+
+    def model(self, name: str = "") -> ServedModel:
+        """The model a call names ("": the default); UnknownModel when none such serves."""
+        return self.registry.resolve(name)
+
+    def spec(self, name: str = "", version: int = 0) -> ModelSpec:
+        """A model version's step contract (version 0: the newest ready one)."""
+        model = self.model(name)
+        lane = model.lanes.get(version) if version else (model.newest or model.by_age[0])
+        if lane is None:
+            raise UnknownModel(f"model {model.name!r} has no version {version}")
+        return lane.spec
 
     # -- events --------------------------------------------------------------------
 
-    def step(self, tenant: str, block: EventBlock, include_state: bool = False) -> Job:
+    def step(
+        self,
+        tenant: str,
+        block: EventBlock,
+        include_state: bool = False,
+        model: str = "",
+        version: int = 0,
+    ) -> Job:
         """Queue a request's events (ids as the tenant sent them); ``job.future`` answers."""
         engine = self._engine
         if engine is None:
             raise NotReady("the model is still loading")
+        served = self.registry.resolve(model)
+        if version and version not in served.lanes:
+            raise UnknownModel(f"model {served.name!r} has no version {version} loaded")
         if tenant:
             self._scope(tenant, block)
-        return engine.submit(block, include_state)
+        return engine.submit(served.name, block, include_state, version)
 
     def _scope(self, tenant: str, block: EventBlock) -> None:
         """Namespace the block's ids; ids refused as sent are marked bad here."""
@@ -134,17 +169,23 @@ class DataPlane:
             raise InvalidRequest(problem)
         return key(tenant, session_id)
 
+    def _sessions(self, model: str) -> Sessions:
+        return Sessions(self.engine, self.model(model))
+
     @staticmethod
-    def _as_sent(snap: SessionSnapshot | None, session_id: str) -> SessionSnapshot | None:
-        return None if snap is None else dataclasses.replace(snap, session_id=session_id)
+    def _as_sent(found: Found | None, session_id: str) -> Found | None:
+        if found is None:
+            return None
+        snap = dataclasses.replace(found.snapshot, session_id=session_id)
+        return dataclasses.replace(found, snapshot=snap)
 
-    async def get(self, tenant: str, session_id: str) -> SessionSnapshot | None:
-        snap = await self._cache.get(self._key(tenant, session_id))
-        return self._as_sent(snap, session_id)
+    async def get(self, tenant: str, session_id: str, model: str = "") -> Found | None:
+        found = await self._sessions(model).get(self._key(tenant, session_id))
+        return self._as_sent(found, session_id)
 
-    async def has_session(self, tenant: str, session_id: str) -> bool:
+    async def has_session(self, tenant: str, session_id: str, model: str = "") -> bool:
         """Whether the session exists (an id that could not exist does not)."""
-        return await self._cache.has(key(tenant, session_id))
+        return await self._sessions(model).has(key(tenant, session_id))
 
     async def put(
         self,
@@ -153,45 +194,68 @@ class DataPlane:
         step: int,
         last_seq: int,
         states: Mapping[str, Sequence[float] | np.ndarray],
-    ) -> SessionSnapshot:
+        model: str = "",
+        version: int = 0,
+    ) -> Found:
         """Create or overwrite a session; a state left out (or empty) is zeros."""
         sid = self._key(tenant, session_id)
-        spec = self.spec
-        unknown = [name for name in states if name not in spec.state_names]
-        if unknown:
-            layout = ", ".join(f"{n}[{k}]" for n, k in zip(spec.state_names, spec.state_sizes))
-            raise InvalidRequest(f"the model has no state {unknown[0]!r}; its states are {layout}")
-        rows: list[np.ndarray | None] = [None] * len(spec.state_names)
-        for i, (name, size) in enumerate(zip(spec.state_names, spec.state_sizes)):
-            values = states.get(name)
-            if values is None or not len(values):
-                continue
-            array = np.asarray(values, np.float32).reshape(-1)
-            if array.size != size:
-                raise InvalidRequest(
-                    f"{name} has {array.size} values; the model's {name} has {size}"
-                )
-            if not np.isfinite(array).all():
-                raise InvalidRequest(f"{name} contains NaN or Inf")
-            rows[i] = array
         if self._closed:
             raise EngineClosed("the server is draining")
-        snap = await self._cache.put(sid, step, last_seq, rows)
-        return dataclasses.replace(snap, session_id=session_id)
+        found = await self._sessions(model).put(sid, step, last_seq, states, version)
+        result = self._as_sent(found, session_id)
+        assert result is not None
+        return result
 
-    async def reset(self, tenant: str, session_id: str) -> SessionSnapshot | None:
-        snap = await self._cache.reset(self._key(tenant, session_id))
-        return self._as_sent(snap, session_id)
+    async def reset(self, tenant: str, session_id: str, model: str = "") -> Found | None:
+        found = await self._sessions(model).reset(self._key(tenant, session_id))
+        return self._as_sent(found, session_id)
 
-    async def delete(self, tenant: str, session_id: str) -> SessionSnapshot | None:
-        snap = await self._cache.delete(self._key(tenant, session_id))
-        return self._as_sent(snap, session_id)
+    async def delete(self, tenant: str, session_id: str, model: str = "") -> Found | None:
+        found = await self._sessions(model).delete(self._key(tenant, session_id))
+        return self._as_sent(found, session_id)
 
-    def info(self, tenant: str) -> ModelInfo:
-        lane = self.engine.lane
+    async def migrate(
+        self, tenant: str, session_id: str, model: str, to_version: int, mode: str
+    ) -> Found | None:
+        sid = self._key(tenant, session_id)
+        if self._closed:
+            raise EngineClosed("the server is draining")
+        found = await self._sessions(model).migrate(sid, to_version, mode)
+        return self._as_sent(found, session_id)
+
+    # -- models --------------------------------------------------------------------
+
+    def info(self, tenant: str, model: str = "", version: int = 0) -> ModelInfo:
+        served = self.model(model)
+        lane = served.lanes.get(version) if version else (served.newest or served.by_age[0])
+        if lane is None:
+            raise UnknownModel(f"model {served.name!r} has no version {version}")
         return ModelInfo(
-            lane.runtime.spec,
+            served.name,
+            lane.version,
+            tuple(sorted(v for v, la in served.lanes.items() if la.retiring is None)),
+            lane.spec,
             lane.runtime.provider,
-            lane.cache.table.tenant_count(tenant),
+            served.live_sessions(tenant),
             self.max_sessions,
+            served.policy.policy,
         )
+
+    def versions(self) -> list[VersionStatus]:
+        """Every model version the server knows, with its state."""
+        return self.registry.index()
+
+    def live_sessions(self, model: str, version: int) -> int:
+        served = self.engine.models.get(model)
+        lane = served.lanes.get(version) if served is not None else None
+        return len(lane.table) if lane is not None else 0
+
+    @property
+    def default_model(self) -> str:
+        return self.registry.default_model
+
+    async def load_model(self, name: str) -> None:
+        await self.registry.load(name)
+
+    async def unload_model(self, name: str) -> None:
+        await self.registry.unload(name)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
@@ -77,6 +77,37 @@ class BulkHistogram(Collector):
         yield family
 
 
+class _LiveSessions(Collector):
+    """``lstm_live_sessions``: the server's total, and ``lstm_model_live_sessions`` per version."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        counts = self.metrics._live()
+        total = GaugeMetricFamily("lstm_live_sessions", "Sessions in memory.")
+        total.add_metric([], sum(n for _, _, n in counts))
+        yield total
+        per = GaugeMetricFamily(
+            "lstm_model_live_sessions",
+            "Sessions in memory, by the model version they are pinned to.",
+            labels=["model", "version"],
+        )
+        for model, version, n in counts:
+            per.add_metric([model, version], n)
+        yield per
+
+
+class LaneMetrics:
+    """One model version's metrics, bound once (not per run)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str):
+        self.batch_size = metrics.batch_size.labels(model, version)
+        self.inference_seconds = metrics.inference_seconds.labels(model, version)
+        self.applied = metrics.model_events.labels(model, version, "applied")
+        self.duplicate = metrics.model_events.labels(model, version, "duplicate")
+
+
 def _le(bound: float) -> str:
     return repr(float(bound))
 
@@ -117,12 +148,23 @@ class Metrics:
         r.register(self.event_seconds)
         r.register(self.queue_seconds)
         self.batch_size = Histogram(
-            "lstm_batch_size", "Events per ONNX Runtime run.", buckets=BATCH_BUCKETS, registry=r
+            "lstm_batch_size",
+            "Events per ONNX Runtime run, by model version.",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.inference_seconds = Histogram(
             "lstm_inference_duration_seconds",
-            "Time of one ONNX Runtime run.",
+            "Time of one ONNX Runtime run, by model version.",
+            ["model", "version"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_events = Counter(
+            "lstm_model_events",
+            "Events a model version ran (applied) or answered as duplicates (duplicate).",
+            ["model", "version", "outcome"],
             registry=r,
         )
         self.inference_cpu = Counter(
@@ -130,7 +172,8 @@ class Metrics:
             "CPU time ONNX Runtime spent in runs (its thread).",
             registry=r,
         )
-        self.live_sessions = Gauge("lstm_live_sessions", "Sessions in memory.", registry=r)
+        self._live: Callable[[], list[tuple[str, str, int]]] = list
+        r.register(_LiveSessions(self))
         self.max_sessions = Gauge(
             "lstm_max_sessions", "The cap on sessions in memory (--max-sessions).", registry=r
         )
@@ -177,8 +220,32 @@ class Metrics:
         )
         self.model_info = Gauge(
             "lstm_model_info",
-            "The loaded model (value 1).",
-            ["fingerprint", "provider", "event_size", "output_size", "source"],
+            "A loaded model version (value 1).",
+            ["model", "version", "fingerprint", "provider", "event_size", "output_size", "source"],
+            registry=r,
+        )
+        self.model_state = Gauge(
+            "lstm_model_version_state",
+            "Each model version's state (value 1): LOADING, READY, RETIRING, UNAVAILABLE.",
+            ["model", "version", "state"],
+            registry=r,
+        )
+        self.loads = Counter(
+            "lstm_model_loads", "Model versions loaded and ready.", ["model"], registry=r
+        )
+        self.load_failures = Counter(
+            "lstm_model_load_failures",
+            "Model versions (or configs) that failed to load; the index says why.",
+            ["model"],
+            registry=r,
+        )
+        self.unloads = Counter(
+            "lstm_model_unloads", "Model versions unloaded.", ["model"], registry=r
+        )
+        self.migrations = Counter(
+            "lstm_migrations",
+            "Sessions moved to another model version, by how (carry, reset, replay).",
+            ["model", "policy"],
             registry=r,
         )
 
@@ -186,8 +253,12 @@ class Metrics:
         if n:
             self._event_counters[outcome].inc(n)
 
-    def track_live_sessions(self, count: Callable[[], int]) -> None:
-        self.live_sessions.set_function(count)
+    def track_live_sessions(self, count: Callable[[], list[tuple[str, str, int]]]) -> None:
+        """``count()``: (model, version, sessions in memory) of every loaded version."""
+        self._live = count
+
+    def lane(self, model: str, version: int) -> LaneMetrics:
+        return LaneMetrics(self, model, str(version))
 
     def track_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         # all_tasks is safe to call from the scrape thread: it copies the set, retrying.

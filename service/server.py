@@ -7,7 +7,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
-import hashlib
 import logging
 import signal
 import sys
@@ -38,11 +37,13 @@ from service.api.security import (
 from service.core.engine import Engine
 from service.dataplane import DataPlane
 from service.metrics import Metrics
-from service.runtime import DeviceUnavailableError, ModelContractError, Runtime, load_model_bytes
+from service.models import LoadSettings, Registry
+from service.repository import ModelRepository, SingleModel
+from service.runtime import DeviceUnavailableError, ModelContractError
 from service.settings import Settings
-from service.state.cache import SessionCache, StoreAccess
-from service.state.table import SessionTable
-from service.store import StateStore, StoreError, StoreLayout, StoreMismatchError, open_store
+from service.state.cache import StoreAccess
+from service.state.table import Limits
+from service.store import StateStore, StoreError, StoreMismatchError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,8 @@ class Server:
         self.metrics_port = 0
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.plane = DataPlane(settings.max_session_id_bytes, settings.max_sessions)
-        self.runtime: Runtime | None = None
         self.engine: Engine | None = None
-        self.cache: SessionCache | None = None
+        self.registry: Registry | None = None
         self._store_access: StoreAccess | None = None
         self._grpc: grpc.aio.Server | None = None
         self._servicer: LstmStreamServicer | None = None
@@ -74,7 +74,7 @@ class Server:
         self.store: StateStore | None = None
         self.tls: TlsFiles | None = None
         self.auth = Authenticator(None, False)
-        self._ttl_tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._stopping = False
 
@@ -132,77 +132,78 @@ class Server:
         await self._grpc.start()
 
     async def load(self) -> None:
-        """Load the model, check its contract, warm it up, then report SERVING."""
+        """Open the store, load the models (checked and warmed up), then report SERVING."""
         s = self.settings
         assert self._servicer is not None
         loop = asyncio.get_running_loop()
-        model, source = load_model_bytes(s.model)
-        self.runtime = await loop.run_in_executor(
-            None, lambda: Runtime(model, source, s.device, s.ort_threads)
-        )
-        await loop.run_in_executor(None, self.runtime.warm_up, s.max_batch)
-        spec = self.runtime.spec
-        layout = StoreLayout(
-            # A model without a parameter fingerprint is known by its bytes.
-            spec.fingerprint or "sha256:" + hashlib.sha256(model).hexdigest(),
-            spec.state_names,
-            spec.state_sizes,
-            spec.output_size,
-            spec.output_alias,
-        )
         self.store = open_store(s.state_store, s.store_sync, s.store_timeout, s.store_ttl)
-        await loop.run_in_executor(None, self.store.open, layout, s.store_reset)
+        await loop.run_in_executor(None, self.store.open, s.store_reset, s.model_name)
         access = self._store_access = StoreAccess(self.store, self.metrics)
-        table = SessionTable(
-            spec.state_sizes,
-            spec.output_size,
-            s.max_sessions,
-            s.initial_capacity,
-            output_alias=spec.output_alias,
-            tenants=self.auth.enabled,
-            max_per_tenant=s.max_sessions_per_tenant,
-        )
-        self.cache = SessionCache(table, layout, access, self.metrics)
+        limits = Limits(s.max_sessions, self.auth.enabled, s.max_sessions_per_tenant)
         self.engine = Engine(
-            self.runtime,
-            self.cache,
             self.metrics,
+            access,
             s.max_batch,
             # The data plane checks ids as sent; the engine sees them with their tenant.
             s.max_session_id_bytes + (MAX_TENANT_BYTES + 1 if self.auth.enabled else 0),
             s.inline_batch,
         )
+        repository: ModelRepository | SingleModel = (
+            ModelRepository(s.model_repository)
+            if s.model_repository
+            else SingleModel(s.model_name, s.model)
+        )
+        self.registry = Registry(
+            self.engine,
+            access,
+            limits,
+            self.metrics,
+            repository,
+            LoadSettings(s.device, s.ort_threads, s.max_batch, s.initial_capacity),
+            s.model_name,
+        )
         self.engine.start()
-        self.plane.attach(self.engine)
-        self.metrics.track_live_sessions(lambda: len(table))
+        await self.registry.sync(self._models_at_start())
+        if not self.engine.models and not s.model_repository:
+            # One model and it cannot serve: the start fails, with the reason.
+            reasons = [v.reason for v in self.registry.index() if v.reason]
+            raise ModelContractError(reasons[0] if reasons else "the model did not load")
+        self.plane.attach(self.engine, self.registry)
+        engine = self.engine
+        self.metrics.track_live_sessions(
+            lambda: [(lane.model, str(lane.version), len(lane.table)) for lane in engine.lanes]
+        )
         self.metrics.max_sessions.set(s.max_sessions)
         self.metrics.track_loop(loop)
-        self.metrics.model_info.labels(
-            spec.fingerprint[:16],
-            self.runtime.provider,
-            str(spec.event_size),
-            str(spec.output_size),
-            spec.source,
-        ).set(1)
-        if s.session_ttl > 0:
-            self._ttl_tasks.append(
-                loop.create_task(self._evict_loop(s.session_ttl), name="ttl-eviction")
-            )
+        self._tasks.append(loop.create_task(self._evict_loop(), name="ttl-eviction"))
         if self.store.persistent and s.store_ttl > 0:
-            self._ttl_tasks.append(
+            self._tasks.append(
                 loop.create_task(self._expire_loop(s.store_ttl), name="store-expiry")
             )
-        await self._set_health(SERVING)
-        self._ttl_tasks.append(loop.create_task(self._watch_store(access), name="store-health"))
+        if s.model_repository and s.model_control == "poll":
+            self._tasks.append(loop.create_task(self._poll_loop(), name="repository-poll"))
+        serving = self.plane.serving
+        await self._set_health(SERVING if serving else NOT_SERVING)
+        if not serving:
+            log.warning("no model is ready: health stays NOT_SERVING until one loads")
+        self._tasks.append(loop.create_task(self._watch_store(access), name="store-health"))
+        ready = [f"{v.model}:{v.version}" for v in self.registry.index() if v.state == "READY"]
         log.info(
-            "serving on %s:%d, metrics on http://%s:%d/metrics, provider %s, state store %s",
+            "serving on %s:%d, metrics on http://%s:%d/metrics, models %s, state store %s",
             s.host,
             self.port,
             s.metrics_bind_host,
             self.metrics_port,
-            self.runtime.provider,
+            ", ".join(ready) or "none",
             self.store.url,
         )
+
+    def _models_at_start(self) -> list[str] | None:
+        """Which models load at start (None: every model of the repository)."""
+        s = self.settings
+        if not s.model_repository or s.model_control != "explicit" or s.load_model.strip() == "*":
+            return None
+        return [name.strip() for name in s.load_model.split(",") if name.strip()]
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, stop reading, finish in-flight work within ``grace``, close."""
@@ -214,7 +215,7 @@ class Server:
         grace = self.settings.grace if grace is None else grace
         log.info("draining (grace %.1fs)", grace)
         await self._set_health(NOT_SERVING)
-        for task in self._ttl_tasks:
+        for task in self._tasks:
             task.cancel()
         if self._servicer is not None:
             self._servicer.start_drain()
@@ -228,6 +229,8 @@ class Server:
             await self._quiet([self._servicer, self._oip], deadline)
         if self._grpc is not None:
             await self._grpc.stop(max(deadline - time.monotonic(), 0.0))
+        if self.registry is not None:
+            await self.registry.stop()
         if self.engine is not None:
             await self.engine.stop()
         if self._store_access is not None:
@@ -258,11 +261,31 @@ class Server:
             await asyncio.sleep(min(DRAIN_QUIET_S - idle, deadline - now))
 
     def reload(self) -> None:
-        """SIGHUP: re-read the TLS files and the token file; live streams go on."""
-        log.info("reloading TLS and token files")
+        """SIGHUP: re-read the TLS files, the token file and the model repository; live
+        streams go on."""
+        log.info("reloading TLS and token files, rescanning the model repository")
         if self.tls is not None:
             self.tls.reload()
         self.auth.reload()
+        if self.registry is not None and self.settings.model_repository:
+            names = None
+            if self.settings.model_control == "explicit":
+                names = list(self.engine.models) if self.engine is not None else []
+            task = asyncio.get_running_loop().create_task(self._rescan(names), name="rescan")
+            self._tasks.append(task)
+
+    async def _rescan(self, names: list[str] | None) -> None:
+        assert self.registry is not None
+        await self.registry.sync(
+            names, unload_missing=names is None and self.settings.model_control == "poll"
+        )
+        if not self._stopping:
+            await self._set_health(SERVING if self.plane.serving else NOT_SERVING)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_secs)
+            await self._rescan(None)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -275,21 +298,35 @@ class Server:
         """Health follows the state store's, except while draining."""
         async for ok in access.health.changes():
             if not self._stopping:
-                await self._set_health(SERVING if ok else NOT_SERVING)
+                await self._set_health(SERVING if ok and self.plane.serving else NOT_SERVING)
 
-    async def _evict_loop(self, ttl: float) -> None:
-        assert self.cache is not None
-        period = min(max(ttl / 4, 0.05), 5.0)
+    def _ttl_of(self, model: str) -> float:
+        """A model's idle TTL: its config's, else --session-ttl (0: never)."""
+        assert self.registry is not None
+        config = self.registry.configs.get(model)
+        if config is not None and config.idle_ttl:
+            return config.idle_ttl
+        return self.settings.session_ttl
+
+    async def _evict_loop(self) -> None:
+        """Drop idle sessions from memory, each model by its own TTL."""
+        assert self.engine is not None
+        engine = self.engine
         while True:
-            await asyncio.sleep(period)
-            await self.cache.evict_idle(ttl)
+            ttls = [self._ttl_of(lane.model) for lane in engine.lanes]
+            ttls = [t for t in ttls if t > 0] or [self.settings.session_ttl or 60.0]
+            await asyncio.sleep(min(max(min(ttls) / 4, 0.05), 5.0))
+            for lane in list(engine.lanes):
+                ttl = self._ttl_of(lane.model)
+                if ttl > 0 and not lane.unloaded:
+                    await lane.cache.evict_idle(ttl)
 
     async def _expire_loop(self, ttl: float) -> None:
-        assert self.cache is not None
+        assert self.engine is not None
         period = min(max(ttl / 4, 0.05), 60.0)
         while True:
             await asyncio.sleep(period)
-            await self.cache.expire_stored(ttl)
+            await self.engine.expire_stored(ttl)
 
 
 def _bracket(host: str) -> str:

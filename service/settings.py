@@ -21,7 +21,43 @@ class Settings:
         metadata={"help": "ONNX model file; empty serves the embedded default model (E=32, H=64)"},
     )
     model_name: str = field(
-        default="lstm", metadata={"help": "the model's name in the Open Inference Protocol API"}
+        default="lstm",
+        metadata={
+            "help": "the name of --model's model (or the embedded default's), and the model "
+            "requests without a model name go to when a repository has it"
+        },
+    )
+    model_repository: str = field(
+        default="",
+        metadata={
+            "help": "a directory of models in Triton's layout: DIR/<model>/<version>/model.onnx "
+            "with an optional DIR/<model>/config.pbtxt (instead of --model)"
+        },
+    )
+    model_control: str = field(
+        default="none",
+        metadata={
+            "help": "none (load the repository at start; SIGHUP rescans), poll (rescan every "
+            "--repository-poll-secs) or explicit (RepositoryModelLoad/Unload)",
+            "choices": ("none", "poll", "explicit"),
+        },
+    )
+    repository_poll_secs: float = field(
+        default=15.0, metadata={"help": "with --model-control poll: seconds between rescans"}
+    )
+    load_model: str = field(
+        default="*",
+        metadata={
+            "help": "with --model-control explicit: the models loaded at start, comma-separated "
+            "(* = all, empty = none)"
+        },
+    )
+    admin_tenants: str = field(
+        default="",
+        metadata={
+            "help": "with auth: the tenants (comma-separated) allowed to use the repository "
+            "RPCs (RepositoryIndex, RepositoryModelLoad/Unload); others get PERMISSION_DENIED"
+        },
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC port"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
@@ -135,6 +171,15 @@ class Settings:
         checks = [
             (0 <= self.port <= 65535, "--port must be 0..65535"),
             (bool(self.model_name.strip()), "--model-name must not be empty"),
+            (
+                not (self.model and self.model_repository),
+                "--model and --model-repository exclude each other",
+            ),
+            (self.repository_poll_secs > 0, "--repository-poll-secs must be > 0"),
+            (
+                self.model_control in ("none", "poll", "explicit"),
+                "--model-control must be none, poll or explicit",
+            ),
             (0 <= self.metrics_port <= 65535, "--metrics-port must be 0..65535"),
             (self.ort_threads >= 0, "--ort-threads must be >= 0 (0 = ONNX Runtime's default)"),
             (self.max_sessions >= 1, "--max-sessions must be >= 1"),
@@ -166,6 +211,10 @@ class Settings:
         problem = check_url(self.state_store)
         if problem is not None:
             raise ValueError(problem)
+
+    @property
+    def admin_tenant_set(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.admin_tenants.split(",") if t.strip())
 
     @property
     def auth_enabled(self) -> bool:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lstm_stream/v1/lstm_stream.proto\x12\x0elstm_stream.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\x05\x45vent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12\r\n\x05reset\x18\x04 \x01(\x08\"O\n\nEventBatch\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\x12\x0c\n\x04seqs\x18\x02 \x03(\x04\x12\x0e\n\x06values\x18\x03 \x01(\x0c\x12\x0e\n\x06resets\x18\x04 \x03(\x08\"v\n\x0bStepRequest\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.lstm_stream.v1.Event\x12\x15\n\rinclude_state\x18\x02 \x01(\x08\x12)\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1a.lstm_stream.v1.EventBatch\"*\n\nNamedState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\xc1\x01\n\x06Result\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0e\n\x06output\x18\x04 \x03(\x02\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x06 \x01(\x05\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0e\n\x06hidden\x18\x08 \x03(\x02\x12\x0c\n\x04\x63\x65ll\x18\t \x03(\x02\x12*\n\x06states\x18\n \x03(\x0b\x32\x1a.lstm_stream.v1.NamedState\"`\n\x0bResultBatch\x12\r\n\x05steps\x18\x01 \x03(\x04\x12\x0f\n\x07outputs\x18\x02 \x01(\x0c\x12\r\n\x05\x63odes\x18\x03 \x03(\x05\x12\x12\n\nduplicates\x18\x04 \x03(\x08\x12\x0e\n\x06\x65rrors\x18\x05 \x03(\t\"\x80\x01\n\x0cStepResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.lstm_stream.v1.Result\x12*\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1b.lstm_stream.v1.ResultBatch\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\" \n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xf1\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x10\n\x08last_seq\x18\x03 \x01(\x04\x12\x0e\n\x06hidden\x18\x04 \x03(\x02\x12\x0c\n\x04\x63\x65ll\x18\x05 \x03(\x02\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06output\x18\x08 \x03(\x02\x12*\n\x06states\x18\t \x03(\x0b\x32\x1a.lstm_stream.v1.NamedState\"\x12\n\x10ModelInfoRequest\"\xb1\x01\n\x11ModelArchitecture\x12\x0c\n\x04\x63\x65ll\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x11\n\tproj_size\x18\x04 \x01(\r\x12\x0c\n\x04head\x18\x05 \x01(\t\x12\x19\n\x11output_activation\x18\x06 \x01(\t\x12\x18\n\x10source_framework\x18\x07 \x01(\t\x12\x13\n\x0bsource_file\x18\x08 \x01(\t\"\xbd\x03\n\tModelInfo\x12\x12\n\nevent_size\x18\x01 \x01(\r\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x13\n\x0boutput_size\x18\x03 \x01(\r\x12\x18\n\x10\x65xporter_version\x18\x04 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x13\n\x0bstate_names\x18\x08 \x03(\t\x12\x1b\n\x13onnxruntime_version\x18\t \x01(\t\x12\x15\n\rlive_sessions\x18\n \x01(\x04\x12\x14\n\x0cmax_sessions\x18\x0b \x01(\x04\x12\x13\n\x0bstate_sizes\x18\x0c \x03(\r\x12\x37\n\x0c\x61rchitecture\x18\r \x01(\x0b\x32!.lstm_stream.v1.ModelArchitecture\x12\x39\n\x08metadata\x18\x0e \x03(\x0b\x32\'.lstm_stream.v1.ModelInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xf8\x03\n\nLstmStream\x12\x41\n\x04Step\x12\x1b.lstm_stream.v1.StepRequest\x1a\x1c.lstm_stream.v1.StepResponse\x12L\n\x0bStreamSteps\x12\x1b.lstm_stream.v1.StepRequest\x1a\x1c.lstm_stream.v1.StepResponse(\x01\x30\x01\x12\x41\n\nGetSession\x12\x1a.lstm_stream.v1.SessionRef\x1a\x17.lstm_stream.v1.Session\x12>\n\nPutSession\x12\x17.lstm_stream.v1.Session\x1a\x17.lstm_stream.v1.Session\x12\x43\n\x0cResetSession\x12\x1a.lstm_stream.v1.SessionRef\x1a\x17.lstm_stream.v1.Session\x12\x44\n\rDeleteSession\x12\x1a.lstm_stream.v1.SessionRef\x1a\x17.lstm_stream.v1.Session\x12K\n\x0cGetModelInfo\x12 .lstm_stream.v1.ModelInfoRequest\x1a\x19.lstm_stream.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lstm_stream/v1/lstm_stream.proto\x12\x0elstm_stream.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\x05\x45vent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12\r\n\x05reset\x18\x04 \x01(\x08\"O\n\nEventBatch\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\x12\x0c\n\x04seqs\x18\x02 \x03(\x04\x12\x0e\n\x06values\x18\x03 \x01(\x0c\x12\x0e\n\x06resets\x18\x04 \x03(\x08\"\x9c\x01\n\x0bStepRequest\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.lstm_stream.v1.Event\x12\x15\n\rinclude_state\x18\x02 \x01(\x08\x12)\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1a.lstm_stream.v1.EventBatch\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\x04\"*\n\nNamedState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\xd8\x01\n\x06Result\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0e\n\x06output\x18\x04 \x03(\x02\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x06 \x01(\x05\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0e\n\x06hidden\x18\x08 \x03(\x02\x12\x0c\n\x04\x63\x65ll\x18\t \x03(\x02\x12*\n\x06states\x18\n \x03(\x0b\x32\x1a.lstm_stream.v1.NamedState\x12\x15\n\rmodel_version\x18\x0b \x01(\x04\"x\n\x0bResultBatch\x12\r\n\x05steps\x18\x01 \x03(\x04\x12\x0f\n\x07outputs\x18\x02 \x01(\x0c\x12\r\n\x05\x63odes\x18\x03 \x03(\x05\x12\x12\n\nduplicates\x18\x04 \x03(\x08\x12\x0e\n\x06\x65rrors\x18\x05 \x03(\t\x12\x16\n\x0emodel_versions\x18\x06 \x03(\x04\"\x80\x01\n\x0cStepResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.lstm_stream.v1.Result\x12*\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1b.lstm_stream.v1.ResultBatch\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"/\n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x97\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x10\n\x08last_seq\x18\x03 \x01(\x04\x12\x0e\n\x06hidden\x18\x04 \x03(\x02\x12\x0c\n\x04\x63\x65ll\x18\x05 \x03(\x02\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06output\x18\x08 \x03(\x02\x12*\n\x06states\x18\t \x03(\x0b\x32\x1a.lstm_stream.v1.NamedState\x12\r\n\x05model\x18\n \x01(\t\x12\x15\n\rmodel_version\x18\x0b \x01(\x04\"2\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\xb1\x01\n\x11ModelArchitecture\x12\x0c\n\x04\x63\x65ll\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x11\n\tproj_size\x18\x04 \x01(\r\x12\x0c\n\x04head\x18\x05 \x01(\t\x12\x19\n\x11output_activation\x18\x06 \x01(\t\x12\x18\n\x10source_framework\x18\x07 \x01(\t\x12\x13\n\x0bsource_file\x18\x08 \x01(\t\"\x86\x04\n\tModelInfo\x12\x12\n\nevent_size\x18\x01 \x01(\r\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\x13\n\x0boutput_size\x18\x03 \x01(\r\x12\x18\n\x10\x65xporter_version\x18\x04 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x13\n\x0bstate_names\x18\x08 \x03(\t\x12\x1b\n\x13onnxruntime_version\x18\t \x01(\t\x12\x15\n\rlive_sessions\x18\n \x01(\x04\x12\x14\n\x0cmax_sessions\x18\x0b \x01(\x04\x12\x13\n\x0bstate_sizes\x18\x0c \x03(\r\x12\x37\n\x0c\x61rchitecture\x18\r \x01(\x0b\x32!.lstm_stream.v1.ModelArchitecture\x12\x39\n\x08metadata\x18\x0e \x03(\x0b\x32\'.lstm_stream.v1.ModelInfo.MetadataEntry\x12\r\n\x05model\x18\x0f \x01(\t\x12\x0f\n\x07version\x18\x10 \x01(\x04\x12\x10\n\x08versions\x18\x11 \x03(\x04\x12\x15\n\rretire_policy\x18\x12 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"z\n\x12ModelVersionStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x15\n\rlive_sessions\x18\x05 \x01(\x04\x12\x0e\n\x06newest\x18\x06 \x01(\x08\"X\n\tModelList\x12\x34\n\x08versions\x18\x01 \x03(\x0b\x32\".lstm_stream.v1.ModelVersionStatus\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"U\n\x0eMigrateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nto_version\x18\x03 \x01(\x04\x12\x0c\n\x04mode\x18\x04 \x01(\t2\x8f\x05\n\nLstmStream\x12\x41\n\x04Step\x12\x1b.lstm_stream.v1.StepRequest\x1a\x1c.lstm_stream.v1.StepResponse\x12L\n\x0bStreamSteps\x12\x1b.lstm_stream.v1.StepRequest\x1a\x1c.lstm_stream.v1.StepResponse(\x01\x30\x01\x12\x41\n\nGetSession\x12\x1a.lstm_stream.v1.SessionRef\x1a\x17.lstm_stream.v1.Session\x12>\n\nPutSession\x12\x17.lstm_stream.v1.Session\x1a\x17.lstm_stream.v1.Session\x12\x43\n\x0cResetSession\x12\x1a.lstm_stream.v1.SessionRef\x1a\x17.lstm_stream.v1.Session\x12\x44\n\rDeleteSession\x12\x1a.lstm_stream.v1.SessionRef\x1a\x17.lstm_stream.v1.Session\x12K\n\x0cGetModelInfo\x12 .lstm_stream.v1.ModelInfoRequest\x1a\x19.lstm_stream.v1.ModelInfo\x12J\n\nListModels\x12!.lstm_stream.v1.ListModelsRequest\x1a\x19.lstm_stream.v1.ModelList\x12I\n\x0eMigrateSession\x12\x1e.lstm_stream.v1.MigrateRequest\x1a\x17.lstm_stream.v1.Sessionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,28 +38,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT']._serialized_end=156
   _globals['_EVENTBATCH']._serialized_start=158
   _globals['_EVENTBATCH']._serialized_end=237
-  _globals['_STEPREQUEST']._serialized_start=239
-  _globals['_STEPREQUEST']._serialized_end=357
-  _globals['_NAMEDSTATE']._serialized_start=359
-  _globals['_NAMEDSTATE']._serialized_end=401
-  _globals['_RESULT']._serialized_start=404
-  _globals['_RESULT']._serialized_end=597
-  _globals['_RESULTBATCH']._serialized_start=599
-  _globals['_RESULTBATCH']._serialized_end=695
-  _globals['_STEPRESPONSE']._serialized_start=698
-  _globals['_STEPRESPONSE']._serialized_end=826
-  _globals['_SESSIONREF']._serialized_start=828
-  _globals['_SESSIONREF']._serialized_end=860
-  _globals['_SESSION']._serialized_start=863
-  _globals['_SESSION']._serialized_end=1104
-  _globals['_MODELINFOREQUEST']._serialized_start=1106
-  _globals['_MODELINFOREQUEST']._serialized_end=1124
-  _globals['_MODELARCHITECTURE']._serialized_start=1127
-  _globals['_MODELARCHITECTURE']._serialized_end=1304
-  _globals['_MODELINFO']._serialized_start=1307
-  _globals['_MODELINFO']._serialized_end=1752
-  _globals['_MODELINFO_METADATAENTRY']._serialized_start=1705
-  _globals['_MODELINFO_METADATAENTRY']._serialized_end=1752
-  _globals['_LSTMSTREAM']._serialized_start=1755
-  _globals['_LSTMSTREAM']._serialized_end=2259
+  _globals['_STEPREQUEST']._serialized_start=240
+  _globals['_STEPREQUEST']._serialized_end=396
+  _globals['_NAMEDSTATE']._serialized_start=398
+  _globals['_NAMEDSTATE']._serialized_end=440
+  _globals['_RESULT']._serialized_start=443
+  _globals['_RESULT']._serialized_end=659
+  _globals['_RESULTBATCH']._serialized_start=661
+  _globals['_RESULTBATCH']._serialized_end=781
+  _globals['_STEPRESPONSE']._serialized_start=784
+  _globals['_STEPRESPONSE']._serialized_end=912
+  _globals['_SESSIONREF']._serialized_start=914
+  _globals['_SESSIONREF']._serialized_end=961
+  _globals['_SESSION']._serialized_start=964
+  _globals['_SESSION']._serialized_end=1243
+  _globals['_MODELINFOREQUEST']._serialized_start=1245
+  _globals['_MODELINFOREQUEST']._serialized_end=1295
+  _globals['_MODELARCHITECTURE']._serialized_start=1298
+  _globals['_MODELARCHITECTURE']._serialized_end=1475
+  _globals['_MODELINFO']._serialized_start=1478
+  _globals['_MODELINFO']._serialized_end=1996
+  _globals['_MODELINFO_METADATAENTRY']._serialized_start=1949
+  _globals['_MODELINFO_METADATAENTRY']._serialized_end=1996
+  _globals['_LISTMODELSREQUEST']._serialized_start=1998
+  _globals['_LISTMODELSREQUEST']._serialized_end=2017
+  _globals['_MODELVERSIONSTATUS']._serialized_start=2019
+  _globals['_MODELVERSIONSTATUS']._serialized_end=2141
+  _globals['_MODELLIST']._serialized_start=2143
+  _globals['_MODELLIST']._serialized_end=2231
+  _globals['_MIGRATEREQUEST']._serialized_start=2233
+  _globals['_MIGRATEREQUEST']._serialized_end=2318
+  _globals['_LSTMSTREAM']._serialized_start=2321
+  _globals['_LSTMSTREAM']._serialized_end=2976
 # @@protoc_insertion_point(module_scope)

@@ -34,14 +34,18 @@ class EventBatch(_message.Message):
     def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., seqs: _Optional[_Iterable[int]] = ..., values: _Optional[bytes] = ..., resets: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("events", "include_state", "batch")
+    __slots__ = ("events", "include_state", "batch", "model", "model_version")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_STATE_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     include_state: bool
     batch: EventBatch
-    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., include_state: _Optional[bool] = ..., batch: _Optional[_Union[EventBatch, _Mapping]] = ...) -> None: ...
+    model: str
+    model_version: int
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., include_state: _Optional[bool] = ..., batch: _Optional[_Union[EventBatch, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class NamedState(_message.Message):
     __slots__ = ("name", "values")
@@ -52,7 +56,7 @@ class NamedState(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("session_id", "seq", "step", "output", "duplicate", "code", "error", "hidden", "cell", "states")
+    __slots__ = ("session_id", "seq", "step", "output", "duplicate", "code", "error", "hidden", "cell", "states", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +67,7 @@ class Result(_message.Message):
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     CELL_FIELD_NUMBER: _ClassVar[int]
     STATES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     step: int
@@ -73,21 +78,24 @@ class Result(_message.Message):
     hidden: _containers.RepeatedScalarFieldContainer[float]
     cell: _containers.RepeatedScalarFieldContainer[float]
     states: _containers.RepeatedCompositeFieldContainer[NamedState]
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., step: _Optional[int] = ..., output: _Optional[_Iterable[float]] = ..., duplicate: _Optional[bool] = ..., code: _Optional[int] = ..., error: _Optional[str] = ..., hidden: _Optional[_Iterable[float]] = ..., cell: _Optional[_Iterable[float]] = ..., states: _Optional[_Iterable[_Union[NamedState, _Mapping]]] = ...) -> None: ...
+    model_version: int
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., step: _Optional[int] = ..., output: _Optional[_Iterable[float]] = ..., duplicate: _Optional[bool] = ..., code: _Optional[int] = ..., error: _Optional[str] = ..., hidden: _Optional[_Iterable[float]] = ..., cell: _Optional[_Iterable[float]] = ..., states: _Optional[_Iterable[_Union[NamedState, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ResultBatch(_message.Message):
-    __slots__ = ("steps", "outputs", "codes", "duplicates", "errors")
+    __slots__ = ("steps", "outputs", "codes", "duplicates", "errors", "model_versions")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     CODES_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedScalarFieldContainer[int]
     outputs: bytes
     codes: _containers.RepeatedScalarFieldContainer[int]
     duplicates: _containers.RepeatedScalarFieldContainer[bool]
     errors: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, steps: _Optional[_Iterable[int]] = ..., outputs: _Optional[bytes] = ..., codes: _Optional[_Iterable[int]] = ..., duplicates: _Optional[_Iterable[bool]] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
+    model_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, steps: _Optional[_Iterable[int]] = ..., outputs: _Optional[bytes] = ..., codes: _Optional[_Iterable[int]] = ..., duplicates: _Optional[_Iterable[bool]] = ..., errors: _Optional[_Iterable[str]] = ..., model_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("results", "batch", "code", "error")
@@ -102,13 +110,15 @@ class StepResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., batch: _Optional[_Union[ResultBatch, _Mapping]] = ..., code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class SessionRef(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "model")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "step", "last_seq", "hidden", "cell", "created", "updated", "output", "states")
+    __slots__ = ("session_id", "step", "last_seq", "hidden", "cell", "created", "updated", "output", "states", "model", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +128,8 @@ class Session(_message.Message):
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     STATES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     last_seq: int
@@ -127,11 +139,17 @@ class Session(_message.Message):
     updated: _timestamp_pb2.Timestamp
     output: _containers.RepeatedScalarFieldContainer[float]
     states: _containers.RepeatedCompositeFieldContainer[NamedState]
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., last_seq: _Optional[int] = ..., hidden: _Optional[_Iterable[float]] = ..., cell: _Optional[_Iterable[float]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output: _Optional[_Iterable[float]] = ..., states: _Optional[_Iterable[_Union[NamedState, _Mapping]]] = ...) -> None: ...
+    model: str
+    model_version: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., last_seq: _Optional[int] = ..., hidden: _Optional[_Iterable[float]] = ..., cell: _Optional[_Iterable[float]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output: _Optional[_Iterable[float]] = ..., states: _Optional[_Iterable[_Union[NamedState, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelArchitecture(_message.Message):
     __slots__ = ("cell", "layers", "hidden_size", "proj_size", "head", "output_activation", "source_framework", "source_file")
@@ -154,7 +172,7 @@ class ModelArchitecture(_message.Message):
     def __init__(self, cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., proj_size: _Optional[int] = ..., head: _Optional[str] = ..., output_activation: _Optional[str] = ..., source_framework: _Optional[str] = ..., source_file: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("event_size", "hidden_size", "output_size", "exporter_version", "fingerprint", "execution_provider", "source", "state_names", "onnxruntime_version", "live_sessions", "max_sessions", "state_sizes", "architecture", "metadata")
+    __slots__ = ("event_size", "hidden_size", "output_size", "exporter_version", "fingerprint", "execution_provider", "source", "state_names", "onnxruntime_version", "live_sessions", "max_sessions", "state_sizes", "architecture", "metadata", "model", "version", "versions", "retire_policy")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +194,10 @@ class ModelInfo(_message.Message):
     STATE_SIZES_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    RETIRE_POLICY_FIELD_NUMBER: _ClassVar[int]
     event_size: int
     hidden_size: int
     output_size: int
@@ -190,4 +212,48 @@ class ModelInfo(_message.Message):
     state_sizes: _containers.RepeatedScalarFieldContainer[int]
     architecture: ModelArchitecture
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, event_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., output_size: _Optional[int] = ..., exporter_version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., execution_provider: _Optional[str] = ..., source: _Optional[str] = ..., state_names: _Optional[_Iterable[str]] = ..., onnxruntime_version: _Optional[str] = ..., live_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., state_sizes: _Optional[_Iterable[int]] = ..., architecture: _Optional[_Union[ModelArchitecture, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    model: str
+    version: int
+    versions: _containers.RepeatedScalarFieldContainer[int]
+    retire_policy: str
+    def __init__(self, event_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., output_size: _Optional[int] = ..., exporter_version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., execution_provider: _Optional[str] = ..., source: _Optional[str] = ..., state_names: _Optional[_Iterable[str]] = ..., onnxruntime_version: _Optional[str] = ..., live_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., state_sizes: _Optional[_Iterable[int]] = ..., architecture: _Optional[_Union[ModelArchitecture, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., retire_policy: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelVersionStatus(_message.Message):
+    __slots__ = ("model", "version", "state", "reason", "live_sessions", "newest")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    state: str
+    reason: str
+    live_sessions: int
+    newest: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., live_sessions: _Optional[int] = ..., newest: _Optional[bool] = ...) -> None: ...
+
+class ModelList(_message.Message):
+    __slots__ = ("versions", "default_model")
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[ModelVersionStatus]
+    default_model: str
+    def __init__(self, versions: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+
+class MigrateRequest(_message.Message):
+    __slots__ = ("session_id", "model", "to_version", "mode")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    model: str
+    to_version: int
+    mode: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., to_version: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...

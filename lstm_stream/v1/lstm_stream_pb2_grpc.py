@@ -82,6 +82,16 @@ class LstmStreamStub:
                 request_serializer=lstm__stream_dot_v1_dot_lstm__stream__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=lstm__stream_dot_v1_dot_lstm__stream__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/lstm_stream.v1.LstmStream/ListModels',
+                request_serializer=lstm__stream_dot_v1_dot_lstm__stream__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=lstm__stream_dot_v1_dot_lstm__stream__pb2.ModelList.FromString,
+                _registered_method=True)
+        self.MigrateSession = channel.unary_unary(
+                '/lstm_stream.v1.LstmStream/MigrateSession',
+                request_serializer=lstm__stream_dot_v1_dot_lstm__stream__pb2.MigrateRequest.SerializeToString,
+                response_deserializer=lstm__stream_dot_v1_dot_lstm__stream__pb2.Session.FromString,
+                _registered_method=True)
 
 
 class LstmStreamServicer:
@@ -151,6 +161,23 @@ class LstmStreamServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model version the server knows, with its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrateSession(self, request, context):
+        """Move one session to another version of its model now (carry, reset or
+        replay), as a retiring version's sessions move. FAILED_PRECONDITION when
+        the mode cannot apply (carry across different state layouts, replay
+        without kept events).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LstmStreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +215,16 @@ def add_LstmStreamServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=lstm__stream_dot_v1_dot_lstm__stream__pb2.ModelInfoRequest.FromString,
                     response_serializer=lstm__stream_dot_v1_dot_lstm__stream__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=lstm__stream_dot_v1_dot_lstm__stream__pb2.ListModelsRequest.FromString,
+                    response_serializer=lstm__stream_dot_v1_dot_lstm__stream__pb2.ModelList.SerializeToString,
+            ),
+            'MigrateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateSession,
+                    request_deserializer=lstm__stream_dot_v1_dot_lstm__stream__pb2.MigrateRequest.FromString,
+                    response_serializer=lstm__stream_dot_v1_dot_lstm__stream__pb2.Session.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +429,60 @@ class LstmStream:
             '/lstm_stream.v1.LstmStream/GetModelInfo',
             lstm__stream_dot_v1_dot_lstm__stream__pb2.ModelInfoRequest.SerializeToString,
             lstm__stream_dot_v1_dot_lstm__stream__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm_stream.v1.LstmStream/ListModels',
+            lstm__stream_dot_v1_dot_lstm__stream__pb2.ListModelsRequest.SerializeToString,
+            lstm__stream_dot_v1_dot_lstm__stream__pb2.ModelList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm_stream.v1.LstmStream/MigrateSession',
+            lstm__stream_dot_v1_dot_lstm__stream__pb2.MigrateRequest.SerializeToString,
+            lstm__stream_dot_v1_dot_lstm__stream__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,

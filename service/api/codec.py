@@ -34,6 +34,7 @@ _CELL = 0x4A  # Result.cell = 9 (packed)
 _STATES = b"\x52"  # Result.states = 10 (NamedState messages)
 _STATE_NAME = b"\x0a"  # NamedState.name = 1
 _STATE_VALUES = 0x12  # NamedState.values = 2 (packed)
+_MODEL_VERSION = b"\x58"  # Result.model_version = 11
 _VALUES = 0x1A  # Event.values = 3 (packed)
 _RESET = b"\x20\x01"  # Event.reset = 4, true
 
@@ -68,12 +69,14 @@ def encode_results(
     hidden: np.ndarray | None = None,
     cell: np.ndarray | None = None,
     named: Sequence[tuple[str, np.ndarray]] = (),
+    versions: Sequence[int] | None = None,
 ) -> bytes:
     """A ``StepResponse`` with one ``Result`` per event, serialised.
 
     ``outputs`` (and ``hidden``/``cell`` and the ``named`` other states when the
     client asked for state) are ``[n, k]`` float32 rows; an event in ``errors``
     gets its code and message and no output or state, as docs/PROTOCOL.md says.
+    ``versions[i]``: the model version that answered event i (0 or None: not sent).
     """
     n = len(session_ids)
     width = outputs.shape[1]
@@ -110,6 +113,8 @@ def encode_results(
             for head, raw in state_bytes:
                 k = len(raw) // n
                 fields += (head, raw[i * k : (i + 1) * k])
+            if versions is not None and versions[i]:
+                fields += (_MODEL_VERSION, varint(versions[i]))
         else:
             code, message = failed
             if duplicates[i]:

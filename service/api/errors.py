@@ -11,11 +11,13 @@ from typing import Any, TypeVar
 import grpc
 
 from service.dataplane import (
+    CannotMove,
     EngineClosed,
     InvalidRequest,
     NotReady,
     SessionCapError,
     StoreUnavailable,
+    UnknownModel,
 )
 from service.metrics import Metrics
 
@@ -63,6 +65,10 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, "the model is still loading"
     if isinstance(exc, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, UnknownModel):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, CannotMove):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, StoreUnavailable):
         return grpc.StatusCode.UNAVAILABLE, "the state store is unavailable; retry later"
     if isinstance(exc, SessionCapError):

@@ -15,7 +15,7 @@ from service.api.codec import encode_results, event_values
 from service.api.errors import ServiceError, Undecodable, rpc, status_of
 from service.api.security import Authenticator
 from service.api.streams import Streams
-from service.dataplane import DataPlane, EventBlock, Job, SessionSnapshot
+from service.dataplane import DataPlane, EventBlock, Found, Job
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -86,14 +86,20 @@ class LstmStreamServicer:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "a StepRequest carries either events or batch, not both",
             )
-        event_size = self.plane.spec.event_size
+        event_size = self.plane.spec(request.model).event_size
         block = (
             self._decode_batch(request.batch, event_size)
             if columnar
             else self._decode_events(request, event_size)
         )
         ids = block.session_ids
-        job = self.plane.step(tenant, block, include_state=request.include_state and not columnar)
+        job = self.plane.step(
+            tenant,
+            block,
+            include_state=request.include_state and not columnar,
+            model=request.model,
+            version=request.model_version,
+        )
         return _Begun(columnar, block, job, ids)
 
     def _check_count(self, n: int) -> None:
@@ -164,6 +170,7 @@ class LstmStreamServicer:
                     codes=job.codes.tolist(),
                     duplicates=job.duplicates.tolist(),
                     errors=[errors.get(i, "") for i in range(job.n)] if errors else [""] * job.n,
+                    model_versions=job.versions.tolist(),
                 )
             )
         block = begun.block
@@ -172,7 +179,7 @@ class LstmStreamServicer:
         hidden = cell = None
         others: list[tuple[str, np.ndarray]] = []
         if job.states is not None:
-            named = dict(zip(self.plane.spec.state_names, job.states))
+            named = dict(zip(job.state_names, job.states))
             hidden, cell = named.pop("hidden", None), named.pop("cell", None)
             others = list(named.items())
         return encode_results(
@@ -185,11 +192,13 @@ class LstmStreamServicer:
             hidden,
             cell,
             others,
+            job.versions.tolist(),
         )
 
     # -- session RPCs ------------------------------------------------------------------
 
-    def _session(self, snap: SessionSnapshot) -> pb.Session:
+    def _session(self, found: Found, model: str) -> pb.Session:
+        snap = found.snapshot
         message = pb.Session(
             session_id=snap.session_id,
             step=snap.step,
@@ -197,8 +206,10 @@ class LstmStreamServicer:
             output=snap.output.tolist(),
             created=_timestamp(snap.created),
             updated=_timestamp(snap.updated),
+            model=model,
+            model_version=found.version,
         )
-        for name, values in zip(self.plane.spec.state_names, snap.states):
+        for name, values in zip(found.state_names, snap.states):
             if name == "hidden":
                 message.hidden.extend(values.tolist())
             elif name == "cell":
@@ -207,18 +218,22 @@ class LstmStreamServicer:
                 message.states.add(name=name, values=values.tolist())
         return message
 
+    def _model_name(self, name: str) -> str:
+        return self.plane.model(name).name
+
     @staticmethod
-    def _found(snap: SessionSnapshot | None, session_id: str) -> SessionSnapshot:
-        if snap is None:
+    def _found(found: Found | None, session_id: str) -> Found:
+        if found is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r}")
-        return snap
+        return found
 
     @rpc("GetSession")
     async def GetSession(
         self, request: pb.SessionRef, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.Session:
-        snap = await self.plane.get(tenant, request.session_id)
-        return self._session(self._found(snap, request.session_id))
+        found = await self.plane.get(tenant, request.session_id, request.model)
+        model = self._model_name(request.model)
+        return self._session(self._found(found, request.session_id), model)
 
     @rpc("PutSession")
     async def PutSession(
@@ -234,31 +249,50 @@ class LstmStreamServicer:
                     grpc.StatusCode.INVALID_ARGUMENT, f"state {named.name!r} is given twice"
                 )
             states[named.name] = named.values
-        snap = await self.plane.put(
-            tenant, request.session_id, request.step, request.last_seq, states
+        found = await self.plane.put(
+            tenant,
+            request.session_id,
+            request.step,
+            request.last_seq,
+            states,
+            request.model,
+            request.model_version,
         )
-        return self._session(snap)
+        return self._session(found, self._model_name(request.model))
 
     @rpc("ResetSession")
     async def ResetSession(
         self, request: pb.SessionRef, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.Session:
-        snap = await self.plane.reset(tenant, request.session_id)
-        return self._session(self._found(snap, request.session_id))
+        found = await self.plane.reset(tenant, request.session_id, request.model)
+        model = self._model_name(request.model)
+        return self._session(self._found(found, request.session_id), model)
 
     @rpc("DeleteSession")
     async def DeleteSession(
         self, request: pb.SessionRef, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.Session:
-        snap = self._found(await self.plane.delete(tenant, request.session_id), request.session_id)
+        found = self._found(
+            await self.plane.delete(tenant, request.session_id, request.model), request.session_id
+        )
         self.metrics.evictions.labels("deleted").inc()
-        return self._session(snap)
+        return self._session(found, self._model_name(request.model))
+
+    @rpc("MigrateSession")
+    async def MigrateSession(
+        self, request: pb.MigrateRequest, context: grpc.aio.ServicerContext, tenant: str
+    ) -> pb.Session:
+        found = await self.plane.migrate(
+            tenant, request.session_id, request.model, request.to_version, request.mode
+        )
+        model = self._model_name(request.model)
+        return self._session(self._found(found, request.session_id), model)
 
     @rpc("GetModelInfo")
     async def GetModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.ModelInfo:
-        info = self.plane.info(tenant)
+        info = self.plane.info(tenant, request.model, request.version)
         spec = info.spec
         sizes = dict(zip(spec.state_names, spec.state_sizes))
         meta = spec.metadata
@@ -286,6 +320,38 @@ class LstmStreamServicer:
                 source_file=meta.get("source_file", ""),
             ),
             metadata=meta,
+            model=info.model,
+            version=info.version,
+            versions=list(info.versions),
+            retire_policy=info.retire_policy,
+        )
+
+    @rpc("ListModels")
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext, tenant: str
+    ) -> pb.ModelList:
+        statuses = self.plane.versions()
+        newest = {}
+        for name in {s.model for s in statuses}:
+            try:
+                lane = self.plane.model(name).newest
+            except LookupError:
+                continue
+            if lane is not None:
+                newest[name] = lane.version
+        return pb.ModelList(
+            versions=[
+                pb.ModelVersionStatus(
+                    model=s.model,
+                    version=s.version,
+                    state=s.state,
+                    reason=s.reason,
+                    live_sessions=self.plane.live_sessions(s.model, s.version),
+                    newest=newest.get(s.model) == s.version,
+                )
+                for s in statuses
+            ],
+            default_model=self.plane.default_model,
         )
 
 

@@ -25,13 +25,21 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-VERSION = "1"
 PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ("model_configuration", "sequence", "sequence_string_id", "statistics")
-"""What ``ServerMetadata`` lists: the model config, sequences with int or string ids, stats."""
+EXTENSIONS = (
+    "model_configuration",
+    "model_repository",
+    "sequence",
+    "sequence_string_id",
+    "statistics",
+)
+"""What ``ServerMetadata`` lists: the model config, the repository and model control,
+sequences with int or string ids, stats."""
 
 _STATUS = {
     Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Code.INTERNAL: grpc.StatusCode.INTERNAL,
     Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
@@ -63,6 +71,7 @@ class _Begun:
 
     request: pb.ModelInferRequest
     tenant: str
+    model: str
     sequence: str
     end: bool
     raw: bool
@@ -80,10 +89,9 @@ class InferenceServicer:
         self.metrics = metrics
         self.plane = plane
         self.auth = auth
-        self.model_name = settings.model_name
         self.last_call_at = 0.0
         self.streams = Streams(settings.max_inflight)
-        self._stats = _Stats()
+        self._stats: dict[tuple[str, int], _Stats] = {}
 
     def start_drain(self) -> None:
         self.streams.start_drain()
@@ -109,8 +117,12 @@ class InferenceServicer:
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.ModelReadyResponse:
-        known = request.name == self.model_name and request.version in ("", VERSION)
-        return pb.ModelReadyResponse(ready=known and self._serving())
+        try:
+            model, version = self._model(request.name, request.version)
+        except ServiceError:
+            return pb.ModelReadyResponse(ready=False)
+        lane = self.plane.model(model).lanes.get(version) if version else True
+        return pb.ModelReadyResponse(ready=bool(lane) and self._serving())
 
     @rpc("ServerMetadata", api="oip")
     async def ServerMetadata(
@@ -120,22 +132,28 @@ class InferenceServicer:
             name="lstm-stream", version=_package_version(), extensions=list(EXTENSIONS)
         )
 
-    def _check_model(self, name: str, version: str) -> None:
-        if name != self.model_name:
+    def _model(self, name: str, version: str) -> tuple[str, int]:
+        """The model and version (0: any) a request names; NOT_FOUND in Triton's words."""
+        try:
+            model = self.plane.model(name)
+        except LookupError as exc:
+            raise ServiceError(
+                grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{name}' is not found"
+            ) from exc
+        if not version:
+            return model.name, 0
+        if not version.isdigit() or int(version) not in model.lanes:
             raise ServiceError(
                 grpc.StatusCode.NOT_FOUND,
-                f"Request for unknown model: '{name}' is not found; this server serves "
-                f"'{self.model_name}'",
+                f"Request for unknown model: '{name}' version {version} is not found; loaded: "
+                + ", ".join(str(v) for v in sorted(model.lanes)),
             )
-        if version not in ("", VERSION):
-            raise ServiceError(
-                grpc.StatusCode.NOT_FOUND,
-                f"Request for unknown model: '{name}' version {version} is not found; "
-                f"the only version is {VERSION}",
-            )
+        return model.name, int(version)
 
-    def _tensors(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-        spec = self.plane.spec
+    def _tensors(
+        self, model: str, version: int = 0
+    ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        spec = self.plane.spec(model, version)
         inputs = [("event", spec.event_size)]
         outputs = [("output", spec.output_size)]
         outputs += [(f"{n}_out", s) for n, s in zip(spec.state_names, spec.state_sizes)]
@@ -145,12 +163,13 @@ class InferenceServicer:
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.ModelMetadataResponse:
-        self._check_model(request.name, request.version)
-        inputs, outputs = self._tensors()
+        model, version = self._model(request.name, request.version)
+        inputs, outputs = self._tensors(model, version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
+        ready = self.plane.info(tenant, model).versions
         return pb.ModelMetadataResponse(
-            name=self.model_name,
-            versions=[VERSION],
+            name=model,
+            versions=[str(v) for v in ready],
             platform=PLATFORM,
             inputs=[tensor(name=n, datatype="FP32", shape=[-1, size]) for n, size in inputs],
             outputs=[tensor(name=n, datatype="FP32", shape=[-1, size]) for n, size in outputs],
@@ -160,14 +179,34 @@ class InferenceServicer:
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.ModelConfigResponse:
-        self._check_model(request.name, request.version)
-        inputs, outputs = self._tensors()
+        model, version = self._model(request.name, request.version)
+        inputs, outputs = self._tensors(model, version)
+        config = self.plane.registry.configs.get(model)
         idle = self.settings.session_ttl
+        if config is not None and config.idle_ttl:
+            idle = config.idle_ttl
+        policy = pb.ModelVersionPolicy()
+        parameters = {}
+        if config is not None:
+            kind = config.policy.kind
+            if kind == "all":
+                policy.all.SetInParent()
+            elif kind == "specific":
+                policy.specific.versions.extend(config.policy.versions)
+            else:
+                policy.latest.num_versions = config.policy.count
+            retire = config.retire
+            parameters = {
+                "retire_policy": pb.ModelParameter(string_value=retire.policy),
+                "retire_after_s": pb.ModelParameter(string_value=f"{retire.after_s:g}"),
+                "replay_events": pb.ModelParameter(string_value=str(retire.replay_events)),
+            }
         return pb.ModelConfigResponse(
             config=pb.ModelConfig(
-                name=self.model_name,
+                name=model,
                 platform=PLATFORM,
                 backend="onnxruntime",
+                version_policy=policy,
                 max_batch_size=0,  # n rows of a request are n steps, not a batch
                 input=[
                     pb.ModelInput(name=n, data_type=pb.TYPE_FP32, dims=[-1, s]) for n, s in inputs
@@ -178,6 +217,7 @@ class InferenceServicer:
                 sequence_batching=pb.ModelSequenceBatching(
                     max_sequence_idle_microseconds=int(idle * 1e6)
                 ),
+                parameters=parameters,
             )
         )
 
@@ -185,18 +225,26 @@ class InferenceServicer:
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext, tenant: str
     ) -> pb.ModelStatisticsResponse:
+        wanted: set[tuple[str, int]] = set()
         if request.name:
-            self._check_model(request.name, request.version)
-        st = self._stats
+            model, version = self._model(request.name, request.version)
+            lanes = self.plane.model(model).lanes
+            wanted = {(model, v) for v in ([version] if version else list(lanes))}
+        else:
+            for status in self.plane.versions():
+                if status.state in ("READY", "RETIRING"):
+                    wanted.add((status.model, status.version))
 
         def duration(pair: list[int]) -> pb.StatisticDuration:
             return pb.StatisticDuration(count=pair[0], ns=pair[1])
 
-        return pb.ModelStatisticsResponse(
-            model_stats=[
+        stats = []
+        for model, version in sorted(wanted):
+            st = self._stats.get((model, version), _Stats())
+            stats.append(
                 pb.ModelStatistics(
-                    name=self.model_name,
-                    version=VERSION,
+                    name=model,
+                    version=str(version),
                     last_inference=st.last_inference_ms,
                     inference_count=st.inference_count,
                     execution_count=st.execution_count,
@@ -209,8 +257,66 @@ class InferenceServicer:
                         compute_output=duration(st.compute_output),
                     ),
                 )
+            )
+        return pb.ModelStatisticsResponse(model_stats=stats)
+
+    # -- the model repository (Triton's extension) -------------------------------------
+
+    def _admin(self, tenant: str, control: bool = False) -> None:
+        """Model control: an admin tenant where auth is on; load/unload in explicit mode."""
+        admins = self.settings.admin_tenant_set
+        if self.auth.enabled and tenant not in admins:
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "model control needs an admin tenant (--admin-tenants)",
+            )
+        if control and self.settings.model_control != "explicit":
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "explicit model load / unload is not allowed: the server runs with "
+                f"--model-control {self.settings.model_control}",
+            )
+
+    @rpc("RepositoryIndex", api="oip")
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext, tenant: str
+    ) -> pb.RepositoryIndexResponse:
+        self._admin(tenant)
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                index(name=s.model, version=str(s.version), state=s.state, reason=s.reason)
+                for s in self.plane.versions()
+                if not request.ready or s.state == "READY"
             ]
         )
+
+    @rpc("RepositoryModelLoad", api="oip")
+    async def RepositoryModelLoad(
+        self,
+        request: pb.RepositoryModelLoadRequest,
+        context: grpc.aio.ServicerContext,
+        tenant: str,
+    ) -> pb.RepositoryModelLoadResponse:
+        self._admin(tenant, control=True)
+        try:
+            await self.plane.load_model(request.model_name)
+        except ValueError as exc:  # the model's files cannot load
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"failed to load '{request.model_name}': {exc}"
+            ) from exc
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc("RepositoryModelUnload", api="oip")
+    async def RepositoryModelUnload(
+        self,
+        request: pb.RepositoryModelUnloadRequest,
+        context: grpc.aio.ServicerContext,
+        tenant: str,
+    ) -> pb.RepositoryModelUnloadResponse:
+        self._admin(tenant, control=True)
+        await self.plane.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     # -- inference -----------------------------------------------------------------
 
@@ -224,7 +330,7 @@ class InferenceServicer:
             await begun.job.future
             return await self._finish(begun)
         except Exception:
-            self._failed(t0)
+            self._failed(t0, request)
             raise
 
     @rpc("ModelStreamInfer", api="oip")
@@ -242,14 +348,14 @@ class InferenceServicer:
             try:
                 return await self._begin(request, tenant, started, t0)
             except Exception:
-                self._failed(t0)
+                self._failed(t0, request)
                 raise
 
         async def respond(begun: _Begun) -> pb.ModelStreamInferResponse:
             try:
                 return pb.ModelStreamInferResponse(infer_response=await self._finish(begun))
             except Exception:
-                self._failed(begun.t0)
+                self._failed(begun.t0, begun.request)
                 raise
 
         await self.streams.serve(context, begin, respond, _refusal, barrier=_ends)
@@ -261,17 +367,17 @@ class InferenceServicer:
         if isinstance(request, Undecodable):
             raise request.error()
         assert isinstance(request, pb.ModelInferRequest)
-        self._check_model(request.model_name, request.model_version)
+        model, version = self._model(request.model_name, request.model_version)
         plane = self.plane
-        sequence, start, end = self._sequence(request)
-        values, raw = self._event(request)
-        wanted = self._wanted(request)
+        sequence, start, end = self._sequence(request, model)
+        values, raw = self._event(request, model, version)
+        wanted = self._wanted(request, model, version)
         if not start and not (
             (started is not None and sequence in started)
-            or await plane.has_session(tenant, sequence)
+            or await plane.has_session(tenant, sequence, model)
         ):
             raise _invalid(
-                f"inference request for sequence {sequence} to model '{self.model_name}' must "
+                f"inference request for sequence {sequence} to model '{model}' must "
                 "specify the START flag on the first request of the sequence"
             )
         n = values.shape[0]
@@ -279,16 +385,22 @@ class InferenceServicer:
         resets[0] = start
         block = EventBlock([sequence] * n, values, None, resets)
         submitted = time.perf_counter_ns()
-        job = plane.step(tenant, block, include_state=any(w != "output" for w in wanted))
+        job = plane.step(
+            tenant,
+            block,
+            include_state=any(w != "output" for w in wanted),
+            model=model,
+            version=version,
+        )
         if started is not None:
             started.add(sequence)
-        return _Begun(request, tenant, sequence, end, raw, wanted, job, t0, submitted)
+        return _Begun(request, tenant, model, sequence, end, raw, wanted, job, t0, submitted)
 
-    def _sequence(self, request: pb.ModelInferRequest) -> tuple[str, bool, bool]:
+    def _sequence(self, request: pb.ModelInferRequest, model: str) -> tuple[str, bool, bool]:
         params = request.parameters
         if "sequence_id" not in params:
             raise _invalid(
-                f"model '{self.model_name}' is stateful: every request needs the parameter "
+                f"model '{model}' is stateful: every request needs the parameter "
                 "sequence_id (an int64 or a string)"
             )
         p = params["sequence_id"]
@@ -313,12 +425,14 @@ class InferenceServicer:
 
         return sequence, flag("sequence_start"), flag("sequence_end")
 
-    def _event(self, request: pb.ModelInferRequest) -> tuple[np.ndarray, bool]:
+    def _event(
+        self, request: pb.ModelInferRequest, model: str, version: int
+    ) -> tuple[np.ndarray, bool]:
         """The ``[n, E]`` float32 rows of input ``event``, and whether they came raw."""
-        e = self.plane.spec.event_size
+        e = self.plane.spec(model, version).event_size
         if len(request.inputs) != 1 or request.inputs[0].name != "event":
             names = [t.name for t in request.inputs]
-            raise _invalid(f"model '{self.model_name}' takes one input named 'event'; got {names}")
+            raise _invalid(f"model '{model}' takes one input named 'event'; got {names}")
         tensor = request.inputs[0]
         if tensor.datatype != "FP32":
             raise _invalid(f"input 'event' must be FP32; got {tensor.datatype or 'no datatype'}")
@@ -361,13 +475,13 @@ class InferenceServicer:
                 f"{n} rows in one request; the limit is {limit} (--max-events-per-request)",
             )
 
-    def _wanted(self, request: pb.ModelInferRequest) -> list[str]:
-        _, outputs = self._tensors()
+    def _wanted(self, request: pb.ModelInferRequest, model: str, version: int) -> list[str]:
+        _, outputs = self._tensors(model, version)
         known = [name for name, _ in outputs]
         wanted = [o.name for o in request.outputs] or ["output"]
         for name in wanted:
             if name not in known:
-                raise _invalid(f"unknown output '{name}'; model '{self.model_name}' has {known}")
+                raise _invalid(f"unknown output '{name}'; model '{model}' has {known}")
         return wanted
 
     async def _finish(self, begun: _Begun) -> pb.ModelInferResponse:
@@ -378,24 +492,32 @@ class InferenceServicer:
             i = min(job.errors)
             code = _STATUS.get(Code(int(job.codes[i])), grpc.StatusCode.INTERNAL)
             raise ServiceError(code, f"step {i} of the request: {job.errors[i]}")
+        version = int(job.versions[0]) if job.n else 0
         response = pb.ModelInferResponse(
-            model_name=self.model_name, model_version=VERSION, id=begun.request.id
+            model_name=begun.model, model_version=str(version), id=begun.request.id
         )
         for name in begun.wanted:
             if name == "output":
                 array = job.outputs
             else:
-                assert job.states is not None
-                array = job.states[self._state_index(name)]
+                states = job.states
+                state = name.removesuffix("_out")
+                if states is None or state not in job.state_names:
+                    raise ServiceError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"output '{name}': the session's version {version} has another state "
+                        "layout than the model's newest; GetSession reads it",
+                    )
+                array = states[job.state_names.index(state)]
             tensor = response.outputs.add(name=name, datatype="FP32", shape=list(array.shape))
             if begun.raw:
                 response.raw_output_contents.append(array.astype("<f4", copy=False).tobytes())
             else:
                 tensor.contents.fp32_contents.extend(array.ravel().tolist())
         if begun.end:
-            await self.plane.delete(begun.tenant, begun.sequence)
+            await self.plane.delete(begun.tenant, begun.sequence, begun.model)
         end = time.perf_counter_ns()
-        st = self._stats
+        st = self._stats.setdefault((begun.model, version), _Stats())
         st.inference_count += job.n
         st.execution_count += 1
         st.last_inference_ms = time.time_ns() // 1_000_000
@@ -410,13 +532,20 @@ class InferenceServicer:
             pair[1] += ns
         return response
 
-    def _state_index(self, output: str) -> int:
-        """The state that output ``<name>_out`` returns."""
-        return self.plane.spec.state_names.index(output.removesuffix("_out"))
-
-    def _failed(self, t0: int) -> None:
-        self._stats.fail[0] += 1
-        self._stats.fail[1] += time.perf_counter_ns() - t0
+    def _failed(self, t0: int, request: object) -> None:
+        """A failed request counts for the version that would have answered it."""
+        if not isinstance(request, pb.ModelInferRequest):
+            return
+        try:
+            model = self.plane.model(request.model_name)
+        except LookupError:
+            return
+        version = int(request.model_version) if request.model_version.isdigit() else 0
+        if not version and model.newest is not None:
+            version = model.newest.version
+        st = self._stats.setdefault((model.name, version), _Stats())
+        st.fail[0] += 1
+        st.fail[1] += time.perf_counter_ns() - t0
 
 
 def _refusal(exc: Exception) -> pb.ModelStreamInferResponse | None:

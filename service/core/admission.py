@@ -1,9 +1,10 @@
-"""Admission: validate requests' events in one vectorised pass and place them.
+"""Admission: validate one model's queued events in one vectorised pass and place them.
 
-An event is refused here (with its code) or placed: in the pending pool when its
-session is in the table or new, or *parked* while its session is read from the
-store. Parked events join the pool, in arrival order, once their sessions are
-in; warm sessions never wait for them.
+An event is refused here (with its code) or placed: in the pending pool of the
+lane (model version) its session is pinned to, or of the version a new session
+starts on; or *parked* while its session is read from the store or moves to
+another version. Parked events join their lane's pool, in arrival order, once
+their sessions are placed; other sessions never wait for them.
 """
 
 from __future__ import annotations
@@ -14,47 +15,38 @@ from itertools import chain
 
 import numpy as np
 
+from service.core.lane import Lane
+from service.core.model import ServedModel
 from service.core.pool import Events, Pool, select
 from service.core.results import Intake, Intakes
 from service.core.types import NOT_FINITE, OUTCOME, STORE_FAILED, Code, Failure, Job
 from service.metrics import Metrics
-from service.state.cache import SessionCache
 from service.state.keys import tenant_of
 from service.state.table import SessionTable, session_id_error
 from service.store.base import StoredRows
 
 
 class Admission:
-    """Turns queued jobs into pool rows for one lane's sessions."""
+    """Turns a model's queued jobs into pool rows of its lanes."""
 
     def __init__(
-        self,
-        cache: SessionCache,
-        pool: Pool,
-        intakes: Intakes,
-        metrics: Metrics,
-        output_size: int,
-        state_sizes: Sequence[int],
-        max_session_id_bytes: int,
+        self, model: ServedModel, intakes: Intakes, metrics: Metrics, max_session_id_bytes: int
     ):
-        self.cache = cache
-        self.table = cache.table
-        self.pool = pool
+        self.model = model
         self.intakes = intakes
         self.metrics = metrics
-        self.output_size = output_size
-        self.state_sizes = tuple(state_sizes)
         self.max_session_id_bytes = max_session_id_bytes
-        self.parked = Pool(pool.values.shape[1])
-        """Events waiting for their sessions to be read from the store (slots -1)."""
+        self.parked: Pool | None = None
+        """Events waiting for their sessions to be read from the store or moved (slots -1)."""
         self._parked_ids: list[str] = []
+        self._parked_versions: list[int] = []
         self._cold: set[str] = set()
         """Ids being read from the store."""
 
     @property
     def waiting(self) -> int:
         """Parked events."""
-        return len(self.parked)
+        return len(self.parked) if self.parked is not None else 0
 
     def admit(self, jobs: list[Job]) -> list[str]:
         """Refuse or place every event of ``jobs``; the ids to read from the store now.
@@ -62,8 +54,11 @@ class Admission:
         Rejected events get their code here and never touch a session; a new
         session is created only for an event that will be applied.
         """
-        table = self.table
-        intake = Intake(jobs, self.output_size, self.state_sizes)
+        model = self.model
+        lanes = model.by_age
+        newest = model.newest or lanes[0]
+        spec = newest.spec
+        intake = Intake(jobs, spec.output_size, spec.state_sizes, spec.state_names)
         counts = [job.n for job in jobs]
         n = len(intake)
         if n == 0:
@@ -101,28 +96,42 @@ class Admission:
             for i in np.flatnonzero(~np.isfinite(values).all(axis=1)).tolist():
                 if not codes[i]:
                     intake.fail(i, int(job_of[i]), Code.INVALID_ARGUMENT, NOT_FINITE)
-        slots = table.lookup(ids)
+        asked = any(job.version for job in jobs)
+        lane_of: np.ndarray | None = None  # None: every session is on lanes[0]
+        if len(lanes) == 1:
+            slots = lanes[0].table.lookup(ids)
+        else:
+            lane_of, slots = _route(lanes, ids)
+        held = np.zeros(0, np.int64)  # events parked behind a move
+        if model.moving:
+            moving = model.moving
+            held = np.flatnonzero([sid in moving for sid in ids] & (codes == 0))
+        if asked:
+            rejected |= self._refuse_other_versions(jobs, intake, job_of, lanes, lane_of, slots)
         cold: np.ndarray | None = None
         if slots.min() < 0:
             unknown = np.flatnonzero(slots < 0)
-            if self.cache.persistent:
+            unknown = unknown[~np.isin(unknown, held)] if held.size else unknown
+            if lanes[0].cache.persistent:
                 rejected |= self._refuse_bad_ids(intake, job_of, ids, unknown)
                 cold = unknown[codes[unknown] == 0]
-                if not cold.size:
-                    cold = None
             else:
-                rejected |= self._create_sessions(intake, job_of, ids, slots, unknown)
-        accepted: np.ndarray | None = None  # None: every event goes to the pool
+                rejected |= self._create_sessions(
+                    jobs, intake, job_of, ids, slots, unknown, lanes, lane_of
+                )
+            if cold is not None and not cold.size:
+                cold = None
+        waiting = held if cold is None else np.union1d(held, cold)
+        accepted: np.ndarray | None = None  # None: every event goes to a pool now
         per_job = counts
-        if rejected or cold is not None:
+        if rejected or waiting.size:
             if rejected:
                 self._count_refused(codes)
                 known = slots >= 0
-                intake.steps[known] = table.steps(slots[known])
+                intake.steps[known] = _steps(lanes, lane_of, slots, known)
             ok = codes == 0
             per_job = np.bincount(job_of[ok], minlength=len(jobs)).tolist()
-            if cold is not None:
-                ok[cold] = False
+            ok[waiting] = False
             accepted = np.flatnonzero(ok)
         for job, remaining in zip(jobs, per_job):
             job.remaining = remaining
@@ -131,95 +140,222 @@ class Admission:
         if not any(per_job):
             return []
         key = self.intakes.add(intake)
+        columns = {"values": values, "seqs": seqs, "resets": resets, "t0": t0, "job": job_of}
+        if lane_of is None:
+            self._place(lanes[0], key, slots, columns, accepted, n)
+        else:
+            for k, lane in enumerate(lanes):
+                here = lane_of == k if accepted is None else lane_of[accepted] == k
+                if here.any():
+                    at = np.flatnonzero(here) if accepted is None else accepted[here]
+                    self._place(lane, key, slots, columns, at, n)
+        if not waiting.size:
+            return []
+        versions = [jobs[j].version for j in job_of[waiting].tolist()]
+        return self._park(waiting, [ids[i] for i in waiting.tolist()], versions, columns, key)
+
+    def _place(
+        self,
+        lane: Lane,
+        key: int,
+        slots: np.ndarray,
+        columns: dict[str, np.ndarray],
+        at: np.ndarray | None,
+        n: int,
+    ) -> None:
+        """Queue the events at ``at`` (None: all) in ``lane``'s pool."""
 
         def kept(column: np.ndarray) -> np.ndarray:
-            return column if accepted is None else column[accepted]
+            return column if at is None else column[at]
 
         acc_slots = kept(slots)
-        if acc_slots.size:
-            self.pool.extend(
-                slots=acc_slots,
-                values=kept(values),
-                seqs=kept(seqs),
-                resets=kept(resets),
-                t0=kept(t0),
-                intake=np.full(acc_slots.size, key, np.int64),
-                row=np.arange(n) if accepted is None else accepted,
-                job=kept(job_of),
-            )
-            table.hold(acc_slots)
-        if cold is None:
-            return []
-        return self._park(
-            cold, [ids[i] for i in cold.tolist()], values, seqs, resets, t0, key, job_of
+        if not acc_slots.size:
+            return
+        lane.pool.extend(
+            slots=acc_slots,
+            values=kept(columns["values"]),
+            seqs=kept(columns["seqs"]),
+            resets=kept(columns["resets"]),
+            t0=kept(columns["t0"]),
+            intake=np.full(acc_slots.size, key, np.int64),
+            row=np.arange(n) if at is None else at,
+            job=kept(columns["job"]),
         )
+        lane.table.hold(acc_slots)
 
-    # -- sessions read from the store ------------------------------------------------
+    def _refuse_other_versions(
+        self,
+        jobs: list[Job],
+        intake: Intake,
+        job_of: np.ndarray,
+        lanes: list[Lane],
+        lane_of: np.ndarray | None,
+        slots: np.ndarray,
+    ) -> bool:
+        """Refuse events of sessions pinned to another version than their request names."""
+        refused = False
+        for i in np.flatnonzero(slots >= 0).tolist():
+            job = jobs[int(job_of[i])]
+            lane = lanes[0 if lane_of is None else int(lane_of[i])]
+            if job.version and job.version != lane.version and not intake.codes[i]:
+                intake.fail(
+                    i,
+                    int(job_of[i]),
+                    Code.FAILED_PRECONDITION,
+                    f"the session runs on version {lane.version} of {self.model.name!r}, "
+                    f"not {job.version} (MigrateSession moves it)",
+                )
+                refused = True
+        return refused
+
+    # -- sessions read from the store or moving ------------------------------------------
 
     def _park(
         self,
         rows: np.ndarray,
         ids: list[str],
-        values: np.ndarray,
-        seqs: np.ndarray,
-        resets: np.ndarray,
-        t0: np.ndarray,
+        versions: list[int],
+        columns: dict[str, np.ndarray],
         key: int,
-        job_of: np.ndarray,
+        by_position: bool = True,
     ) -> list[str]:
+        """Park the events at ``rows`` of intake ``key``; the ids among them to read from the
+        store now. ``columns`` are the intake's (``by_position``) or already those events'."""
+        if self.parked is None:
+            self.parked = Pool(columns["values"].shape[1])
+
+        def at(name: str) -> np.ndarray:
+            return columns[name][rows] if by_position else columns[name]
+
         self.parked.extend(
             slots=np.full(rows.size, -1, np.int64),
-            values=values[rows],
-            seqs=seqs[rows],
-            resets=resets[rows],
-            t0=t0[rows],
+            values=at("values"),
+            seqs=at("seqs"),
+            resets=at("resets"),
+            t0=at("t0"),
             intake=np.full(rows.size, key, np.int64),
             row=rows,
-            job=job_of[rows],
+            job=at("job"),
         )
         self._parked_ids += ids
-        new = [sid for sid in dict.fromkeys(ids) if sid not in self._cold]
+        self._parked_versions += versions
+        moving = self.model.moving
+        new = [sid for sid in dict.fromkeys(ids) if sid not in self._cold and sid not in moving]
         self._cold.update(new)
         return new
 
-    def unpark(self, session_ids: Sequence[str], stored: StoredRows | None) -> None:
-        """``session_ids`` were looked up in the store: place their parked events.
+    def repark(self, events: Events, ids: list[str]) -> list[str]:
+        """Park pending events again (their sessions must be read anew); the ids to read."""
+        if not ids:
+            return []
+        versions = [
+            self.intakes.version_asked(key, job)
+            for key, job in zip(events["intake"].tolist(), events["job"].tolist())
+        ]
+        columns = {name: events[name] for name in ("values", "seqs", "resets", "t0", "job")}
+        # Each event keeps its own intake and row: park them one intake at a time.
+        out: list[str] = []
+        for key in dict.fromkeys(events["intake"].tolist()):
+            mine = np.flatnonzero(events["intake"] == key)
+            cols = {name: column[mine] for name, column in columns.items()}
+            out += self._park(
+                events["row"][mine],
+                [ids[i] for i in mine.tolist()],
+                [versions[i] for i in mine.tolist()],
+                cols,
+                key,
+                by_position=False,
+            )
+        return out
 
-        ``stored`` holds the ones found (they continue from their stored rows);
-        the others start new. None: the store could not be read, so no id can be
-        told new from stored, and their events are refused UNAVAILABLE rather
-        than started from zeros.
-        """
+    def requested(self, session_ids: Sequence[str]) -> dict[str, int]:
+        """The version each parked session's first event asks for (0: any)."""
         wanted = set(session_ids)
-        self._cold -= wanted
+        out: dict[str, int] = {}
+        for sid, version in zip(self._parked_ids, self._parked_versions):
+            if sid in wanted and sid not in out:
+                out[sid] = version
+        return out
+
+    def create_loaded(
+        self, session_ids: Sequence[str], placed: list[tuple[Lane, StoredRows]]
+    ) -> dict[str, Failure]:
+        """Rows for sessions just read from the store (claimed meanwhile): the found ones from
+        their stored rows, in the lanes ``placed`` says; the others new, on the version their
+        first event asks for. Returns the refused ones' answers (caps, versions)."""
+        model = self.model
+        found = {sid: (lane, rows) for lane, rows in placed for sid in rows.session_ids}
+        asked = self.requested(session_ids)
+        refused: dict[str, Failure] = {}
+        target: dict[str, Lane] = {}
+        for sid in dict.fromkeys(session_ids):
+            if sid in found:
+                target[sid] = found[sid][0]
+                continue
+            try:
+                target[sid] = model.lane(asked.get(sid, 0))
+            except LookupError as exc:
+                refused[sid] = (Code.NOT_FOUND, str(exc))
+        table = model.by_age[0].table
+        distinct = within_caps(table, [sid for sid in target if sid not in refused], refused)
+        by_lane: dict[int, list[str]] = {}
+        for sid in distinct:
+            by_lane.setdefault(target[sid].version, []).append(sid)
+        now = time.time()
+        for version, ids in by_lane.items():
+            model.lanes[version].table.create_many(ids, now)
+        for lane, rows in placed:
+            # Stored sessions refused over a cap have no row and stay in the store.
+            lane.cache.restore(rows, lane.layout)
+        self._cold.difference_update(session_ids)
+        return refused
+
+    def release(self, session_ids: Sequence[str], refused: dict[str, Failure]) -> None:
+        """Place the parked events of ``session_ids`` in their sessions' lanes now; the events
+        of sessions without a row get their answer from ``refused`` (else UNAVAILABLE)."""
+        if self.parked is None or not self._parked_ids:
+            return
+        wanted = set(session_ids)
         mine = np.fromiter(
             (sid in wanted for sid in self._parked_ids), np.bool_, len(self._parked_ids)
         )
-        events = self.parked.take(np.flatnonzero(mine))
-        event_ids = [sid for sid, m in zip(self._parked_ids, mine.tolist()) if m]
-        self._parked_ids = [sid for sid, m in zip(self._parked_ids, mine.tolist()) if not m]
-        if stored is None:
-            self._fail(events, (Code.UNAVAILABLE, STORE_FAILED))
+        if not mine.any():
             return
-        refused: dict[str, Failure] = {}
-        # Claimed while they were read: nothing else can have created their rows.
-        distinct = within_caps(self.table, list(dict.fromkeys(session_ids)), refused)
-        if distinct:
-            self.table.create_many(distinct, time.time())
-        if len(stored):
-            # Stored sessions refused over the cap have no row and stay in the store.
-            self.cache.restore(stored)
-        slots = self.table.lookup(event_ids)
-        if refused:
-            for failure in set(refused.values()):
-                where = np.array([refused.get(sid) == failure for sid in event_ids], np.bool_)
-                self._fail(select(events, where), failure)
-            placed = slots >= 0
-            events, slots = select(events, placed), slots[placed]
-        if slots.size:
-            events["slots"] = slots
-            self.pool.extend(**events)
-            self.table.hold(slots)
+        events = self.parked.take(np.flatnonzero(mine))
+        flags = mine.tolist()
+        event_ids = [sid for sid, m in zip(self._parked_ids, flags) if m]
+        asked = [v for v, m in zip(self._parked_versions, flags) if m]
+        self._parked_ids = [sid for sid, m in zip(self._parked_ids, flags) if not m]
+        self._parked_versions = [v for v, m in zip(self._parked_versions, flags) if not m]
+        model = self.model
+        where = [model.resident(sid) for sid in event_ids]
+        failures: dict[Failure, list[int]] = {}
+        by_lane: dict[int, list[int]] = {}
+        for i, (sid, found, version) in enumerate(zip(event_ids, where, asked)):
+            if found is None:
+                failure = refused.get(sid, (Code.UNAVAILABLE, STORE_FAILED))
+                failures.setdefault(failure, []).append(i)
+            elif version and version != found[0].version:
+                failure = (
+                    Code.FAILED_PRECONDITION,
+                    f"the session runs on version {found[0].version} of {model.name!r}, "
+                    f"not {version} (MigrateSession moves it)",
+                )
+                failures.setdefault(failure, []).append(i)
+            else:
+                by_lane.setdefault(found[0].version, []).append(i)
+        for failure, at in failures.items():
+            self._fail(select(events, np.array(at, np.int64)), failure)
+        for version, at in by_lane.items():
+            lane = model.lanes[version]
+            chosen = select(events, np.array(at, np.int64))
+            chosen["slots"] = np.array([where[i][1] for i in at], np.int64)  # type: ignore[index]
+            lane.pool.extend(**chosen)
+            lane.table.hold(chosen["slots"])
+
+    def fail_parked(self, session_ids: Sequence[str], failure: Failure) -> None:
+        self._cold.difference_update(session_ids)
+        self.release(session_ids, dict.fromkeys(session_ids, failure))
 
     def _fail(self, events: Events, failure: Failure) -> None:
         self.metrics.count_events(OUTCOME[failure[0]], int(events["slots"].size))
@@ -227,8 +363,11 @@ class Admission:
 
     def drop_parked(self) -> None:
         """Forget parked events (their requests are being failed as a whole)."""
-        self.parked.take_all()
+        if self.parked is not None:
+            self.parked.take_all()
         self._parked_ids = []
+        self._parked_versions = []
+        self._cold.clear()
 
     # -- new sessions ----------------------------------------------------------------
 
@@ -248,40 +387,94 @@ class Admission:
 
     def _create_sessions(
         self,
+        jobs: list[Job],
         intake: Intake,
         job_of: np.ndarray,
         ids: Sequence[str],
         slots: np.ndarray,
         unknown: np.ndarray,
+        lanes: list[Lane],
+        lane_of: np.ndarray | None,
     ) -> bool:
-        """Create the sessions of new ids in bulk; refuse bad ids and ids over the caps.
-
-        Every event of a refused id gets the same answer as its first one.
-        Returns whether any event was refused.
-        """
-        table = self.table
+        """Create the sessions of new ids in bulk, on the version their request asks for (the
+        newest by default); refuse bad ids and ids over the caps. Every event of a refused
+        id gets the same answer as its first one. Returns whether any event was refused."""
         codes = intake.codes
         row_array, new, distinct = new_ids(ids, unknown, codes)
         refused: dict[str, Failure] = {}
         valid = valid_ids(distinct, self.max_session_id_bytes, refused)
-        distinct = within_caps(table, valid, refused)
-        created = table.create_many(distinct, time.time()) if distinct else None
-        if not refused:
+        target: dict[str, Lane] = {}
+        first_job = dict(zip(reversed(new), reversed(job_of[row_array].tolist())))
+        for sid in valid:
+            try:
+                target[sid] = self.model.lane(jobs[first_job[sid]].version)
+            except LookupError as exc:
+                refused[sid] = (Code.NOT_FOUND, str(exc))
+        valid = [sid for sid in valid if sid in target]
+        distinct = within_caps(lanes[0].table, valid, refused)
+        by_lane: dict[int, list[str]] = {}
+        for sid in distinct:
+            by_lane.setdefault(target[sid].version, []).append(sid)
+        now = time.time()
+        created = None
+        for version, group in by_lane.items():
+            created = self.model.lanes[version].table.create_many(group, now)
+        single = len(by_lane) <= 1 and (lane_of is None or len(lanes) == 1)
+        if not refused and single:
             if new:  # each new id once (the common case): the created rows are the rows' slots
-                slots[row_array] = created if len(distinct) == len(new) else table.lookup(new)
+                same = len(distinct) == len(new) and created is not None
+                table = (
+                    lanes[0].table if not by_lane else self.model.lanes[next(iter(by_lane))].table
+                )
+                slots[row_array] = created if same else table.lookup(new)
             return False
-        index = table.index
+        index = {lane.version: k for k, lane in enumerate(lanes)}
         for i, sid in zip(row_array.tolist(), new):
             if sid in refused:
                 intake.fail(i, int(job_of[i]), *refused[sid])
-            else:
-                slots[i] = index[sid]
-        return True
+            elif sid in target:
+                lane = target[sid]
+                slots[i] = lane.table.index[sid]
+                if lane_of is not None:
+                    lane_of[i] = index[lane.version]
+        return bool(refused)
 
     def _count_refused(self, codes: np.ndarray) -> None:
         values, counts = np.unique(codes[codes != 0], return_counts=True)
         for code, count in zip(values.tolist(), counts.tolist()):
             self.metrics.count_events(OUTCOME[Code(code)], count)
+
+
+def _route(lanes: list[Lane], ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Which lane holds each id (-1: none), and its row there."""
+    n = len(ids)
+    lane_of = np.full(n, -1, np.int64)
+    slots = np.full(n, -1, np.int64)
+    rest = np.arange(n)
+    for k, lane in enumerate(lanes):
+        found = lane.table.lookup([ids[i] for i in rest.tolist()])
+        hit = found >= 0
+        lane_of[rest[hit]] = k
+        slots[rest[hit]] = found[hit]
+        rest = rest[~hit]
+        if not rest.size:
+            break
+    return lane_of, slots
+
+
+def _steps(
+    lanes: list[Lane], lane_of: np.ndarray | None, slots: np.ndarray, known: np.ndarray
+) -> np.ndarray:
+    """Each known event's session's step (for events refused at admission)."""
+    if lane_of is None:
+        return lanes[0].table.steps(slots[known])
+    out = np.zeros(int(known.sum()), np.uint64)
+    at = np.flatnonzero(known)
+    for k, lane in enumerate(lanes):
+        mine = lane_of[at] == k
+        if mine.any():
+            out[mine] = lane.table.steps(slots[at[mine]])
+    return out
 
 
 def within_caps(table: SessionTable, distinct: list[str], refused: dict[str, Failure]) -> list[str]:

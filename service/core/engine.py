@@ -1,12 +1,13 @@
 """The run loop: admit, then plan → run → commit → apply or requeue → answer, one run at a time.
 
 Requests are queued as they arrive (no per-event work on the caller's side
-beyond decoding). The loop admits everything queued in one vectorised pass,
-then runs ONNX Runtime on the earliest pending event of each session, at most
-``max_batch``, as soon as the previous run is done: a quiet server answers at
-once and a busy one forms large batches. The table is only touched on the
-event loop's thread; ONNX Runtime runs on copies of the gathered rows in a
-worker thread.
+beyond decoding). The loop admits everything queued in one vectorised pass per
+model, then runs ONNX Runtime on the earliest pending event of each session of
+one lane (model version), at most ``max_batch``, as soon as the previous run is
+done: a quiet server answers at once and a busy one forms large batches. Lanes
+take turns oldest event first; one run at a time on the device. The tables are
+only touched on the event loop's thread; ONNX Runtime runs on copies of the
+gathered rows in a worker thread.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Coroutine
+from typing import Any
 
 import numpy as np
 
 from service.core.admission import Admission
+from service.core.lane import Lane
+from service.core.model import ServedModel
 from service.core.plan import StepPlan
-from service.core.pool import Pool
 from service.core.results import Intakes
 from service.core.types import (
     INTERNAL_ERROR,
@@ -33,28 +36,14 @@ from service.core.types import (
     EventBlock,
     Failure,
     Job,
+    UnknownModel,
 )
 from service.metrics import Metrics
 from service.runtime import Runtime
-from service.state.cache import SessionCache, StoreUnavailable
+from service.state.cache import StoreAccess, StoreUnavailable
 from service.worker import Worker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Lane:
-    """One loaded model: its runtime, its sessions, its pending and parked events."""
-
-    runtime: Runtime
-    cache: SessionCache
-    pool: Pool
-    admission: Admission
-
-    @property
-    def busy(self) -> bool:
-        """Events wait here: pending, or parked while their sessions are read."""
-        return bool(len(self.pool) or self.admission.waiting)
 
 
 class Engine:
@@ -62,40 +51,64 @@ class Engine:
 
     def __init__(
         self,
-        runtime: Runtime,
-        cache: SessionCache,
         metrics: Metrics,
+        store: StoreAccess,
         max_batch: int,
         max_session_id_bytes: int,
         inline_batch: int = 0,
     ):
         self.metrics = metrics
+        self.store = store
         self.max_batch = max_batch
+        self.max_session_id_bytes = max_session_id_bytes
         self.inline_batch = inline_batch
         """Runs of at most this many events run on the event loop itself."""
         self.intakes = Intakes()
-        spec = runtime.spec
-        pool = Pool(spec.event_size)
-        admission = Admission(
-            cache,
-            pool,
-            self.intakes,
-            metrics,
-            spec.output_size,
-            spec.state_sizes,
-            max_session_id_bytes,
-        )
-        self.lane = Lane(runtime, cache, pool, admission)
+        self.models: dict[str, ServedModel] = {}
+        self.admissions: dict[str, Admission] = {}
+        self._lanes: list[Lane] = []
         self._inbox: list[Job] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._loop = asyncio.get_running_loop()
         self._worker = Worker(self._loop, "onnxruntime")
-        self._loads: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._task: asyncio.Task[None] | None = None
-        self._running: np.ndarray | None = None  # rows of the run in progress
+        self._running: tuple[Lane, np.ndarray] | None = None  # rows of the run in progress
         self._closed = False
+
+    # -- models ----------------------------------------------------------------------
+
+    def add_model(self, model: ServedModel) -> None:
+        self.models[model.name] = model
+        self.admissions[model.name] = Admission(
+            model, self.intakes, self.metrics, self.max_session_id_bytes
+        )
+        self.lanes_changed()
+
+    def remove_model(self, name: str) -> None:
+        self.models.pop(name, None)
+        self.admissions.pop(name, None)
+        self.lanes_changed()
+
+    def lanes_changed(self) -> None:
+        """A lane was added or dropped: the run loop's list follows."""
+        self._lanes = [lane for model in self.models.values() for lane in model.by_age]
+
+    async def run_batch(
+        self, lane: Lane, values: np.ndarray, states: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One batch on a lane's runtime in the run thread, between the loop's runs (replays)."""
+        output, new_states, _ = await self._worker.call(lane.runtime.timed_run, values, states)
+        return output, new_states
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """A background task of the engine (restores, moves), cancelled at ``stop``."""
+        task = self._loop.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -113,7 +126,7 @@ class Engine:
 
     async def stop(self) -> None:
         self._closed = True
-        for task in (self._task, *self._loads):
+        for task in (self._task, *self._tasks):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -122,12 +135,17 @@ class Engine:
 
     # -- events ----------------------------------------------------------------------
 
-    def submit(self, block: EventBlock, include_state: bool = False) -> Job:
+    def submit(
+        self, model: str, block: EventBlock, include_state: bool = False, version: int = 0
+    ) -> Job:
         """Queue a request's events; ``job.future`` resolves when all of them are answered."""
         if self._closed:
             self.metrics.count_events("unavailable", len(block.session_ids))
             raise EngineClosed("the server is draining")
-        job = Job(block, include_state, self._loop.create_future())
+        served = self.models.get(model)
+        if served is None or served.closed:
+            raise UnknownModel(f"no model {model!r} is loaded")
+        job = Job(block, include_state, self._loop.create_future(), model, version)
         self._inbox.append(job)
         if not self._wake.is_set():
             self._idle.clear()
@@ -136,48 +154,77 @@ class Engine:
 
     def _admit(self) -> None:
         jobs, self._inbox = self._inbox, []
-        try:
-            cold = self.lane.admission.admit(jobs)
-        except Exception:  # as below: answer everyone rather than stop
-            log.exception("batcher intake failed")
-            self._fail_everything()
-            for job in jobs:
-                job.fail_whole(INTERNAL_ERROR)
-            return
-        if cold:
-            task = self._loop.create_task(self._restore(cold), name="restore")
-            self._loads.add(task)
-            task.add_done_callback(self._loads.discard)
+        groups: dict[str, list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.model, []).append(job)
+        for name, group in groups.items():
+            admission = self.admissions.get(name)
+            if admission is None or not admission.model.lanes:
+                for job in group:  # unloaded while the request waited
+                    job.fail_whole(f"model {name!r} is not loaded")
+                continue
+            try:
+                cold = admission.admit(group)
+            except Exception:  # as below: answer everyone rather than stop
+                log.exception("batcher intake failed")
+                self._fail_everything()
+                for job in group:
+                    job.fail_whole(INTERNAL_ERROR)
+                continue
+            if cold:
+                self.spawn(self._restore(admission, cold), "restore")
 
-    async def _restore(self, session_ids: list[str]) -> None:
-        """Read sessions not in memory from the store, then let their events run.
+    async def _restore(self, admission: Admission, session_ids: list[str]) -> None:
+        """Read sessions not in memory from the store, place them, then let their events run.
 
         Off the run loop: warm sessions keep being answered meanwhile.
         """
-        cache = self.lane.cache
+        model = admission.model
         try:
-            async with cache.claim(session_ids):
+            async with model.claims.claim(session_ids):
+                lane = model.newest or model.by_age[0]
                 try:
-                    stored = await cache.load(session_ids)
+                    found = await lane.cache.load(session_ids)
                 except StoreUnavailable:
-                    stored = None
-                self.lane.admission.unpark(session_ids, stored)
+                    admission.fail_parked(session_ids, (Code.UNAVAILABLE, STORE_FAILED))
+                    return
+                placed = await model.place(found, admission.requested(session_ids))
+                refused = admission.create_loaded(session_ids, placed)
+                admission.release(session_ids, refused)
         except Exception:
             log.exception("restoring sessions failed")
-            self._fail_everything()
-        self._wake.set()
+            admission.fail_parked(session_ids, (Code.INTERNAL, INTERNAL_ERROR))
+        finally:
+            self._wake.set()
+
+    async def move(
+        self,
+        model: ServedModel,
+        session_ids: list[str],
+        source: Lane,
+        target: Lane,
+        mode: str,
+        persist: bool = False,
+    ) -> list[str]:
+        """Move sessions between versions; their events that waited meanwhile run after."""
+        admission = self.admissions[model.name]
+        try:
+            return await model.move(session_ids, source, target, mode, persist)
+        finally:
+            admission.release(session_ids, {})
+            self._wake.set()
 
     # -- the run loop --------------------------------------------------------------
 
     async def _run_loop(self) -> None:
-        lane = self.lane
         while True:
             if self._inbox:
                 self._admit()
-            if not len(lane.pool):
+            lane = self._next_lane()
+            if lane is None:
                 if self._inbox:
                     continue
-                if not lane.admission.waiting:
+                if not any(a.waiting for a in self.admissions.values()):
                     self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
@@ -188,16 +235,27 @@ class Engine:
                 except Exception:  # a bug here must not stop the server's only run loop
                     log.exception("batcher run failed")
                     self._fail_everything()
+            lane.after_run()
+
+    def _next_lane(self) -> Lane | None:
+        """The lane with events pending, oldest event first."""
+        lanes = self._lanes
+        if len(lanes) == 1:
+            return lanes[0] if len(lanes[0].pool) else None
+        ready = [lane for lane in lanes if len(lane.pool)]
+        if not ready:
+            return None
+        return min(ready, key=lambda lane: lane.oldest)
 
     async def _step(self, lane: Lane) -> None:
         """One run: plan it, run and commit it, answer its events."""
-        plan = StepPlan.make(lane.pool, lane.cache.table, self.max_batch)
-        self._running = plan.slots
+        plan = StepPlan.make(lane.pool, lane.table, self.max_batch)
+        self._running = (lane, plan.slots)
         failure = await self._run(lane, plan) if plan.run_slots.size else None
         self._answer(lane, plan, failure)
-        lane.cache.table.finish(plan.slots)
+        lane.table.finish(plan.slots)
         self._running = None
-        self._count(plan, failure)
+        self._count(lane, plan, failure)
 
     async def _run(self, lane: Lane, plan: StepPlan) -> Failure | None:
         """Run the model, store the new rows, then apply them; how the run failed, if it did.
@@ -205,7 +263,7 @@ class Engine:
         Only what is stored is applied. Rows another replica wrote first are
         reloaded, and their events go back to the front of the pool to run again.
         """
-        cache, table = lane.cache, lane.cache.table
+        cache, table = lane.cache, lane.table
         if cache.failure is not None:
             return (Code.UNAVAILABLE, STORE_FAILED)  # fail fast; the probe sees recovery
         started = time.perf_counter()
@@ -223,24 +281,45 @@ class Engine:
             log.exception("ONNX Runtime failed on a batch of %d events", plan.run_slots.size)
             return (Code.INTERNAL, MODEL_FAILED)
         self.metrics.inference_cpu.inc(cpu)
-        self.metrics.inference_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(plan.run_slots.size)
+        lane.metrics.inference_seconds.observe(time.perf_counter() - started)
+        lane.metrics.batch_size.observe(plan.run_slots.size)
         step, last_seq = plan.counters(table)
         now = time.time()
         conflicts = None
         if cache.persistent:
+            kept = table.kept_after(plan.run_slots, plan.values, plan.run_resets)
             try:
-                conflicts = await cache.commit(plan.run_slots, step, last_seq, states, output, now)
+                conflicts = await cache.commit(
+                    plan.run_slots, step, last_seq, states, output, now, kept
+                )
             except StoreUnavailable:
                 return (Code.UNAVAILABLE, STORE_FAILED)
         plan.apply(table, output, states, step, last_seq, now)
         if conflicts is not None:
-            cache.reload(plan.run_slots[conflicts.index], conflicts)
+            moved = cache.reload(plan.run_slots[conflicts.index], conflicts)
             plan.requeue(lane.pool, conflicts.index)
+            if moved:
+                self._moved_elsewhere(lane, moved)
         return None
 
+    def _moved_elsewhere(self, lane: Lane, session_ids: list[str]) -> None:
+        """Another replica moved these sessions to another version: drop them here and read
+        them again (their requeued events wait for it)."""
+        admission = self.admissions[lane.model]
+        pool = lane.pool
+        slots = lane.table.lookup(session_ids)
+        events = pool.take(np.flatnonzero(np.isin(pool.slots, slots)))
+        ids = lane.table.ids_of(events["slots"])
+        for slot in events["slots"].tolist():  # a slot may repeat: one each
+            lane.table.finish(np.array([slot]))
+        for sid in session_ids:
+            lane.table.remove(sid)
+        cold = admission.repark(events, ids)
+        if cold:
+            self.spawn(self._restore(admission, cold), "restore")
+
     def _answer(self, lane: Lane, plan: StepPlan, failure: Failure | None) -> None:
-        table = lane.cache.table
+        table = lane.table
         slots = plan.slots
         if not slots.size:  # every event of the run went back to the pool
             return
@@ -251,12 +330,19 @@ class Engine:
             lambda: table.gather(slots),
             plan.duplicate,
             failure,
+            lane.version,
+            table.state_sizes,
         )
 
-    def _count(self, plan: StepPlan, failure: Failure | None) -> None:
+    def _count(self, lane: Lane, plan: StepPlan, failure: Failure | None) -> None:
         ran = int(plan.run_slots.size)
-        self.metrics.count_events("applied", 0 if failure else ran)
-        self.metrics.count_events("duplicate", int(plan.slots.size) - ran)
+        applied, duplicate = 0 if failure else ran, int(plan.slots.size) - ran
+        self.metrics.count_events("applied", applied)
+        self.metrics.count_events("duplicate", duplicate)
+        if applied:
+            lane.metrics.applied.inc(applied)
+        if duplicate:
+            lane.metrics.duplicate.inc(duplicate)
         if failure is not None:
             self.metrics.count_events(OUTCOME[failure[0]], ran)
         self.metrics.event_seconds.observe_many(time.perf_counter() - plan.events["t0"])
@@ -264,14 +350,42 @@ class Engine:
     def _fail_everything(self) -> None:
         """After a core bug: answer every unanswered event INTERNAL; no caller hangs.
 
-        Pending counts of the pool's rows and of the run that failed are released.
+        Pending counts of the pools' rows and of the run that failed are released.
         """
-        lane = self.lane
-        table = lane.cache.table
-        for slot in lane.pool.take_all()["slots"].tolist():  # a slot may repeat: one each
-            table.finish(np.array([slot]))
+        for lane in self._lanes:
+            for slot in lane.pool.take_all()["slots"].tolist():  # a slot may repeat
+                lane.table.finish(np.array([slot]))
         if self._running is not None:
-            table.finish(self._running)
+            lane, slots = self._running
+            lane.table.finish(slots)
             self._running = None
-        lane.admission.drop_parked()
+        for admission in self.admissions.values():
+            admission.drop_parked()
         self.intakes.fail_all(INTERNAL_ERROR)
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    async def expire_stored(self, ttl: float) -> int:
+        """Delete sessions idle longer than ``ttl`` seconds from the store, and from memory."""
+        cutoff = time.time() - ttl
+        try:
+            n = await self.store.write(self.store.store.expire, cutoff)
+        except StoreUnavailable:
+            return 0  # tried again at the next period; the probe reports recovery
+        for lane in self._lanes:
+            async with lane.cache.lock:
+                # Write-through keeps ``updated`` equal in both places: the same sessions.
+                lane.cache.evict_idle_before(cutoff)
+        if n:
+            self.metrics.evictions.labels("store_ttl").inc(n)
+            log.info("expired %d sessions from the state store (store ttl %.0fs)", n, ttl)
+        return n
+
+    @property
+    def lanes(self) -> list[Lane]:
+        return self._lanes
+
+    def runtime_of(self, model: str) -> Runtime:
+        served = self.models[model]
+        lane = served.newest or served.by_age[0]
+        return lane.runtime

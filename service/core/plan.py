@@ -31,6 +31,8 @@ class StepPlan:
     """Copies of the rows' states, zeroed where the event resets."""
     run_seqs: np.ndarray | None
     """The applied events' seqs when any event of the run has one."""
+    run_resets: np.ndarray | None = None
+    """The applied events' reset flags (None: none resets)."""
 
     @classmethod
     def make(cls, pool: Pool, table: SessionTable, max_batch: int) -> StepPlan:
@@ -47,16 +49,18 @@ class StepPlan:
         run_slots = slots if all_apply else slots[apply]
         values = events["values"] if all_apply else events["values"][apply]
         states: list[np.ndarray] = []
+        run_resets = None
         if run_slots.size:
             states = table.gather(run_slots)
             resets = events["resets"] if all_apply else events["resets"][apply]
             if resets.any():
+                run_resets = resets
                 for s in states:
                     s[resets] = 0.0
         run_seqs = None
         if sequenced:
             run_seqs = seqs if all_apply else seqs[apply]
-        return cls(events, duplicate, all_apply, run_slots, values, states, run_seqs)
+        return cls(events, duplicate, all_apply, run_slots, values, states, run_seqs, run_resets)
 
     @property
     def slots(self) -> np.ndarray:
@@ -87,6 +91,7 @@ class StepPlan:
         now: float,
     ) -> None:
         table.scatter(self.run_slots, states, output, step, last_seq, now)
+        table.record(self.run_slots, self.values, self.run_resets)
 
     def requeue(self, pool: Pool, stale: np.ndarray) -> None:
         """Put the events of ``stale`` (positions in ``run_slots``) back first in the pool,
@@ -98,3 +103,6 @@ class StepPlan:
         self.events = select(self.events, keep)
         self.duplicate = self.duplicate[keep]
         self.run_slots = np.delete(self.run_slots, stale)
+        self.values = np.delete(self.values, stale, axis=0)
+        if self.run_resets is not None:
+            self.run_resets = np.delete(self.run_resets, stale)

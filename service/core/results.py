@@ -14,9 +14,25 @@ from service.core.types import Code, Failure, Job
 class Intake:
     """Result arrays for the requests admitted together; jobs hold views of them."""
 
-    __slots__ = ("codes", "duplicates", "jobs", "outputs", "starts", "states", "steps")
+    __slots__ = (
+        "codes",
+        "duplicates",
+        "jobs",
+        "outputs",
+        "starts",
+        "state_sizes",
+        "states",
+        "steps",
+        "versions",
+    )
 
-    def __init__(self, jobs: list[Job], output_size: int, state_sizes: Sequence[int]):
+    def __init__(
+        self,
+        jobs: list[Job],
+        output_size: int,
+        state_sizes: Sequence[int],
+        state_names: Sequence[str] = (),
+    ):
         self.jobs = jobs
         self.starts = list(accumulate((job.n for job in jobs), initial=0))
         """Row of each job's first event; ``starts[-1]`` is the number of events."""
@@ -25,6 +41,9 @@ class Intake:
         self.outputs = np.zeros((n, output_size), np.float32)
         self.codes = np.zeros(n, np.int32)
         self.duplicates = np.zeros(n, np.bool_)
+        self.versions = np.zeros(n, np.uint64)
+        self.state_sizes = tuple(state_sizes)
+        """States are given for events computed with this layout (the model's newest at intake)."""
         with_state = any(job.include_state for job in jobs)
         self.states = [np.zeros((n, k), np.float32) for k in state_sizes] if with_state else None
         starts = self.starts
@@ -34,8 +53,10 @@ class Intake:
             job.outputs = self.outputs[lo:hi]
             job.codes = self.codes[lo:hi]
             job.duplicates = self.duplicates[lo:hi]
+            job.versions = self.versions[lo:hi]
             if job.include_state and self.states is not None:
                 job.states = [s[lo:hi] for s in self.states]
+                job.state_names = tuple(state_names)
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -62,6 +83,10 @@ class Intakes:
         self._open[key] = intake
         return key
 
+    def version_asked(self, key: int, job: int) -> int:
+        """The model version a request asked for (0: each session's own)."""
+        return self._open[key].jobs[job].version
+
     def answer(
         self,
         events: Events,
@@ -70,12 +95,16 @@ class Intakes:
         states: Callable[[], list[np.ndarray]],
         duplicate: np.ndarray,
         failure: Failure | None,
+        version: int = 0,
+        state_sizes: tuple[int, ...] = (),
     ) -> None:
         """Copy each event's result into its request; resolve requests that are complete.
 
-        ``steps``/``outputs`` are the sessions' after the run, one row per event;
-        ``states()`` their states, asked for only when a request wants them. With
-        a ``failure``, every event that is not a duplicate gets it instead.
+        ``steps``/``outputs`` are the sessions' after the run, one row per event,
+        computed by ``version`` (whose states have ``state_sizes``); ``states()``
+        their states, asked for only when a request wants them (and its intake's
+        layout is this version's). With a ``failure``, every event that is not a
+        duplicate gets it instead.
         """
         intakes, rows, jobs = events["intake"], events["row"], events["job"]
         n = intakes.size
@@ -95,8 +124,13 @@ class Intakes:
             intake.steps[r] = steps[lo:hi]
             if outputs is not None:
                 intake.outputs[r] = outputs[lo:hi]
+                intake.versions[r] = version
             intake.duplicates[r] = duplicate[lo:hi]
-            if intake.states is not None and outputs is not None:
+            if (
+                intake.states is not None
+                and outputs is not None
+                and intake.state_sizes == state_sizes
+            ):
                 if all_states is None:
                     all_states = states()
                 for out, s in zip(intake.states, all_states):
@@ -105,6 +139,7 @@ class Intakes:
                 bad = r[~duplicate[lo:hi]]
                 intake.codes[bad] = failure[0]
                 intake.outputs[bad] = 0.0
+                intake.versions[bad] = 0
             self._done(key, intake, r, jobs[lo:hi], failure, duplicate[lo:hi])
 
     def fail(self, events: Events, code: Code, message: str) -> None:

@@ -16,13 +16,17 @@ class Code(enum.IntEnum):
 
     OK = 0
     INVALID_ARGUMENT = 3
+    NOT_FOUND = 5
     RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
     INTERNAL = 13
     UNAVAILABLE = 14
 
 
 OUTCOME = {
     Code.INVALID_ARGUMENT: "invalid",
+    Code.NOT_FOUND: "invalid",
+    Code.FAILED_PRECONDITION: "invalid",
     Code.RESOURCE_EXHAUSTED: "over_capacity",
     Code.INTERNAL: "failed",
     Code.UNAVAILABLE: "unavailable",
@@ -43,6 +47,18 @@ class EngineClosed(Exception):
 
 class NotReady(Exception):
     """No model is loaded yet."""
+
+
+class InvalidRequest(ValueError):
+    """The call's arguments are wrong (INVALID_ARGUMENT); nothing was changed."""
+
+
+class UnknownModel(LookupError):
+    """No such model, or no such version of it, is serving (NOT_FOUND)."""
+
+
+class CannotMove(Exception):
+    """A session cannot move that way (FAILED_PRECONDITION): the message says why."""
 
 
 @dataclass
@@ -78,19 +94,33 @@ class Job:
         "errors",
         "future",
         "include_state",
+        "model",
         "n",
         "outputs",
         "remaining",
+        "state_names",
         "states",
         "steps",
         "t0",
+        "version",
+        "versions",
     )
 
-    def __init__(self, block: EventBlock, include_state: bool, future: asyncio.Future[None]):
+    def __init__(
+        self,
+        block: EventBlock,
+        include_state: bool,
+        future: asyncio.Future[None],
+        model: str = "",
+        version: int = 0,
+    ):
         self.block = block
         self.n = len(block.session_ids)
         self.include_state = include_state
         self.future = future
+        self.model = model
+        self.version = version
+        """The version the request asked for; 0: each session's own."""
         self.t0 = time.perf_counter()
         self.errors: dict[int, str] = {}
         self.remaining = 0
@@ -98,7 +128,11 @@ class Job:
         self.outputs: np.ndarray
         self.codes: np.ndarray
         self.duplicates: np.ndarray
+        self.versions: np.ndarray
+        """Which version answered each event (0: refused)."""
         self.states: list[np.ndarray] | None = None
+        self.state_names: tuple[str, ...] = ()
+        """The names of ``states`` (the model's newest version's when the job was admitted)."""
 
     def fail(self, i: int, code: Code, message: str) -> None:
         self.codes[i] = code
@@ -118,6 +152,7 @@ class Job:
         self.outputs = np.zeros((self.n, 0), np.float32)
         self.codes = np.full(self.n, Code.INTERNAL, np.int32)
         self.duplicates = np.zeros(self.n, np.bool_)
+        self.versions = np.zeros(self.n, np.uint64)
         self.states = None
         self.errors = dict.fromkeys(range(self.n), message)
         self.resolve()

@@ -1,4 +1,4 @@
-"""The session cache: one model's table in memory, written through to the state store.
+"""The session cache: one model version's table in memory, written through to the state store.
 
 The store is the truth and the table a cache of it: every change (a run, Put,
 Reset, Delete) is stored first, in the store's writer thread; sessions that are
@@ -137,24 +137,58 @@ class StoreAccess:
         self._reader.stop()
 
 
+class Claims:
+    """Sessions of one model being read from the store, changed there, or moved between
+    versions: one holder at a time per session."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, asyncio.Future[None]] = {}
+
+    def held(self, session_id: str) -> bool:
+        return session_id in self._held
+
+    @contextlib.asynccontextmanager
+    async def claim(self, session_ids: Sequence[str]) -> AsyncIterator[None]:
+        """Hold these sessions (waiting for any other holder) while reading or changing them."""
+        while busy := {f for sid in session_ids if (f := self._held.get(sid)) is not None}:
+            await asyncio.wait(busy)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._held.update(dict.fromkeys(session_ids, mine))
+        try:
+            yield
+        finally:
+            for sid in session_ids:
+                del self._held[sid]
+            mine.set_result(None)
+
+
 class SessionCache:
-    """One model's sessions: the table, the store behind it, and the session operations.
+    """One model version's sessions: the table, the store behind it, the session verbs.
 
     ``lock`` admits one writer of the table at a time: a run (between gathering
     its rows and scattering them back) or a session operation. A session not in
-    the table is *claimed* while it is read from the store or changed there, so
-    nobody else reads or changes it meanwhile; lock after claim, never before.
+    the table is *claimed* (``claims``, shared by the model's versions) while it
+    is read from the store or changed there; lock after claim, never before.
     """
 
     def __init__(
-        self, table: SessionTable, layout: StoreLayout, store: StoreAccess, metrics: Metrics
+        self,
+        table: SessionTable,
+        layout: StoreLayout,
+        store: StoreAccess,
+        metrics: Metrics,
+        model: str = "",
+        version: int = 1,
+        claims: Claims | None = None,
     ):
         self.table = table
         self.layout = layout
         self.store = store
         self.metrics = metrics
+        self.model = model
+        self.version = version
+        self.claims = claims if claims is not None else Claims()
         self.lock = asyncio.Lock()
-        self._claims: dict[str, asyncio.Future[None]] = {}
 
     @property
     def persistent(self) -> bool:
@@ -167,32 +201,18 @@ class SessionCache:
 
     # -- sessions not in memory ----------------------------------------------------
 
-    def claimed(self, session_id: str) -> bool:
-        return session_id in self._claims
+    async def load(self, session_ids: Sequence[str]) -> list[StoredRows]:
+        """The stored rows of ids not in memory (claimed by the caller), by version."""
+        found = await self.store.read(self.store.store.load, self.model, session_ids)
+        n = sum(len(rows) for rows in found)
+        self.metrics.store_reads.labels("missed").inc(len(session_ids) - n)
+        return found
 
-    @contextlib.asynccontextmanager
-    async def claim(self, session_ids: Sequence[str]) -> AsyncIterator[None]:
-        """Hold these sessions (waiting for any other holder) while reading or changing them."""
-        while busy := {f for sid in session_ids if (f := self._claims.get(sid)) is not None}:
-            await asyncio.wait(busy)
-        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._claims.update(dict.fromkeys(session_ids, mine))
-        try:
-            yield
-        finally:
-            for sid in session_ids:
-                del self._claims[sid]
-            mine.set_result(None)
-
-    async def load(self, session_ids: Sequence[str]) -> StoredRows:
-        """The stored rows of ids not in the table (claimed by the caller)."""
-        rows = await self.store.read(self.store.store.load, session_ids)
-        self.metrics.store_reads.labels("missed").inc(len(session_ids) - len(rows))
-        return rows
-
-    def restore(self, rows: StoredRows) -> int:
+    def restore(self, rows: StoredRows, layout: StoreLayout | None = None) -> int:
         """Fill the rows just created for stored sessions; how many (refused ids have none)."""
-        n = self.table.restore(self.table.lookup(rows.session_ids), rows, self.layout)
+        n = self.table.restore(
+            self.table.lookup(rows.session_ids), rows, layout if layout is not None else self.layout
+        )
         self.metrics.store_reads.labels("restored").inc(n)
         return n
 
@@ -206,12 +226,14 @@ class SessionCache:
         states: Sequence[np.ndarray],
         output: np.ndarray,
         now: float,
+        kept: np.ndarray | None = None,
     ) -> Conflicts | None:
         """Store a run's new rows in one transaction before they are applied.
 
         Raises StoreUnavailable when that fails. With a shared store, returns the
         rows another replica had written first (indices into ``slots``). Rows
-        deleted while their events were pending are not written back.
+        deleted while their events were pending are not written back. ``kept``:
+        the rows' kept events with this run's (``SessionTable.kept_after``).
         """
         if not self.persistent:
             return None
@@ -221,21 +243,23 @@ class SessionCache:
             keep = ~keep
             slots, step, last_seq = slots[keep], step[keep], last_seq[keep]
             states, output = [s[keep] for s in states], output[keep]
+            kept = None if kept is None else kept[keep]
         rows = StoredRows(
             table.ids_of(slots),
             step,
             last_seq,
-            self.layout.join(states, output),
+            self.layout.join(states, output, kept),
             table.created_at(slots),
             np.full(slots.size, now),
+            self.version,
         )
         store = self.store
         if not store.shared:
-            await store.write(store.store.save, rows)
+            await store.write(store.store.save, self.model, rows)
             self.metrics.store_rows_written.inc(len(rows))
             return None
         prev_step, prev_updated = table.version_tags(slots)
-        conflicts = await store.write(store.store.swap, rows, prev_step, prev_updated)
+        conflicts = await store.write(store.store.swap, self.model, rows, prev_step, prev_updated)
         if not conflicts.index.size:
             self.metrics.store_rows_written.inc(len(rows))
             return None
@@ -245,167 +269,35 @@ class SessionCache:
             conflicts.index = np.flatnonzero(keep)[conflicts.index]
         return conflicts
 
-    def reload(self, slots: np.ndarray, conflicts: Conflicts) -> None:
-        """Replace stale rows by the stored ones; a row no longer stored starts from zeros."""
+    def reload(self, slots: np.ndarray, conflicts: Conflicts) -> list[str]:
+        """Replace stale rows by the stored ones; a row no longer stored starts from zeros.
+
+        Returns the ids whose stored row is now pinned to another version (another
+        replica moved them): their rows here are left for the caller to drop.
+        """
         table = self.table
-        current = conflicts.current
         gone = slots
-        if len(current):
+        moved: list[str] = []
+        for current in conflicts.current:
             found = table.lookup(current.session_ids)
-            table.restore(found, current, self.layout)
-            gone = np.setdiff1d(slots, found)
+            if current.version == self.version:
+                table.restore(found, current, self.layout)
+            else:
+                moved += current.session_ids
+            gone = np.setdiff1d(gone, found)
         for slot in gone.tolist():  # deleted or expired by another replica
             table.start_over(slot)
+        return moved
 
-    # -- session operations ----------------------------------------------------------
+    # -- session operations on rows in memory ------------------------------------------
 
-    async def get(self, session_id: str) -> SessionSnapshot | None:
-        """A session in memory, else as stored; None when there is none.
-
-        With a shared store, always as stored: another replica may have moved it on.
-        """
+    def snapshot(self, session_id: str) -> SessionSnapshot | None:
         slot = self.table.index.get(session_id)
-        if slot is not None and not self.store.shared:
-            return self.table.snapshot(slot)
-        rows = await self._load_one(session_id)
-        return None if rows is None else self._snapshot_of(rows)
+        return None if slot is None else self.table.snapshot(slot)
 
-    async def has(self, session_id: str) -> bool:
-        """Whether the session exists, in memory or in the store."""
-        return session_id in self.table.index or await self._load_one(session_id) is not None
-
-    @contextlib.asynccontextmanager
-    async def _locked(self, session_id: str) -> AsyncIterator[int | None]:
-        """Hold ``lock`` with the session's row (its slot), or, claimed, without one (None)."""
-        table = self.table
-        while True:
-            if session_id in table.index or not self.persistent:
-                async with self.lock:
-                    slot = table.index.get(session_id)
-                    if slot is not None or not self.persistent:
-                        yield slot
-                        return
-                continue  # evicted while waiting for the lock: look again
-            async with self.claim([session_id]), self.lock:
-                # Claimed: only a load could add the row, and loads claim first.
-                yield table.index.get(session_id)
-                return
-
-    async def put(
-        self, session_id: str, step: int, last_seq: int, states: Sequence[np.ndarray | None]
-    ) -> SessionSnapshot:
-        """Create or overwrite a session, between runs; stored first.
-
-        A session only in the store stays there (it is not read into memory).
-        """
-        async with self._locked(session_id) as slot:
-            table = self.table
-            now = time.time()
-            if not self.persistent:
-                if slot is None:
-                    slot = table.create(session_id, now)
-                table.write(slot, step, last_seq, states, now)
-                return table.snapshot(slot)
-            if slot is not None:
-                created = float(table.created_at(np.array([slot]))[0])
-            else:
-                stored = await self._load_one(session_id)
-                created = now if stored is None else float(stored.created[0])
-            full = [
-                np.zeros((1, n), np.float32) if v is None else np.reshape(v, (1, n))
-                for v, n in zip(states, table.state_sizes)
-            ]
-            output = np.zeros((1, table.output_size), np.float32)
-            blob = self.layout.join(full, output)
-            rows = StoredRows.one(session_id, step, last_seq, blob, created, now)
-            await self.store.write(self.store.store.save, rows)
-            if slot is not None:
-                table.write(slot, step, last_seq, states, now)
-            return self._snapshot_of(rows)
-
-    async def reset(self, session_id: str) -> SessionSnapshot | None:
-        """Zero a session's state, keeping its counters; None when there is none."""
-        async with self._locked(session_id) as slot:
-            table = self.table
-            now = time.time()
-            if self.persistent:
-                if slot is not None:
-                    rows = table.stored_rows(np.array([slot]), self.layout)
-                else:
-                    found = await self._load_one(session_id)
-                    if found is None:
-                        return None
-                    rows = found
-                rows.blob = np.zeros_like(rows.blob)
-                rows.updated = np.array([now])
-                await self.store.write(self.store.store.save, rows)
-                if slot is None:
-                    return self._snapshot_of(rows)
-            elif slot is None:
-                return None
-            table.reset(slot, now)
-            return table.snapshot(slot)
-
-    async def delete(self, session_id: str) -> SessionSnapshot | None:
-        """Drop a session (from the store too); its last state, or None when there is none."""
-        async with self._locked(session_id) as slot:
-            table = self.table
-            if not self.persistent:
-                return None if slot is None else table.remove(session_id)
-            if slot is not None:
-                snap = table.snapshot(slot)
-            else:
-                rows = await self._load_one(session_id)
-                if rows is None:
-                    return None
-                snap = self._snapshot_of(rows)
-            await self.store.write(self.store.store.delete, [session_id])
-            if slot is not None:
-                table.remove(session_id)
-            return snap
-
-    async def evict_idle(self, ttl: float) -> int:
-        """Drop sessions idle longer than ``ttl`` seconds from memory (none with pending events).
-
-        Without a store that is the end of them; with one, they are restored when used again.
-        """
-        async with self.lock:
-            n = self._evict_idle_before(time.time() - ttl)
-        if n:
-            self.metrics.evictions.labels("ttl").inc(n)
-            log.info("evicted %d idle sessions from memory (ttl %.0fs)", n, ttl)
-        return n
-
-    async def expire_stored(self, ttl: float) -> int:
-        """Delete sessions idle longer than ``ttl`` seconds from the store, and from memory."""
-        async with self.lock:
-            cutoff = time.time() - ttl
-            try:
-                n = await self.store.write(self.store.store.expire, cutoff)
-            except StoreUnavailable:
-                return 0  # tried again at the next period; the probe reports recovery
-            # Write-through keeps ``updated`` equal in both places: the same sessions.
-            self._evict_idle_before(cutoff)
-        if n:
-            self.metrics.evictions.labels("store_ttl").inc(n)
-            log.info("expired %d sessions from the state store (store ttl %.0fs)", n, ttl)
-        return n
-
-    def _evict_idle_before(self, cutoff: float) -> int:
-        ids = self.table.idle_ids(cutoff)
-        for sid in ids:
-            self.table.remove(sid)
-        return len(ids)
-
-    async def _load_one(self, session_id: str) -> StoredRows | None:
-        if not self.persistent:
-            return None
-        rows = await self.store.read(self.store.store.load, [session_id])
-        return rows if len(rows) else None
-
-    def _snapshot_of(self, rows: StoredRows) -> SessionSnapshot:
-        """The first of ``rows`` as a snapshot."""
-        states, output = self.layout.split(rows.blob[:1])
+    def snapshot_of(self, rows: StoredRows, layout: StoreLayout | None = None) -> SessionSnapshot:
+        """The first of ``rows`` (stored, laid out as ``layout``) as a snapshot."""
+        states, output = (layout or self.layout).split(rows.blob[:1])
         return SessionSnapshot(
             session_id=rows.session_ids[0],
             step=int(rows.step[0]),
@@ -415,3 +307,97 @@ class SessionCache:
             created=float(rows.created[0]),
             updated=float(rows.updated[0]),
         )
+
+    def row_of(
+        self,
+        session_id: str,
+        step: int,
+        last_seq: int,
+        states: Sequence[np.ndarray | None],
+        created: float,
+        now: float,
+    ) -> StoredRows:
+        """A stored row of this version for PutSession (zero output, nothing kept)."""
+        full = [
+            np.zeros((1, n), np.float32) if v is None else np.reshape(v, (1, n))
+            for v, n in zip(states, self.table.state_sizes)
+        ]
+        output = np.zeros((1, self.table.output_size), np.float32)
+        blob = self.layout.join(full, output)
+        return StoredRows.one(session_id, step, last_seq, blob, created, now, self.version)
+
+    async def put(
+        self,
+        slot: int | None,
+        session_id: str,
+        step: int,
+        last_seq: int,
+        states: Sequence[np.ndarray | None],
+        created: float | None,
+    ) -> SessionSnapshot:
+        """Write a session (``lock`` held; ``slot`` its row, or None: only in the store or new).
+
+        Stored first. A session only in the store stays there; a new one without a
+        store gets a row (within the caps).
+        """
+        table = self.table
+        now = time.time()
+        if not self.persistent:
+            if slot is None:
+                slot = table.create(session_id, now)
+            table.write(slot, step, last_seq, states, now)
+            return table.snapshot(slot)
+        if slot is not None:
+            created = float(table.created_at(np.array([slot]))[0])
+        rows = self.row_of(session_id, step, last_seq, states, created or now, now)
+        await self.store.write(self.store.store.save, self.model, rows)
+        if slot is not None:
+            table.write(slot, step, last_seq, states, now)
+        return self.snapshot_of(rows)
+
+    async def reset(self, slot: int) -> SessionSnapshot:
+        """Zero a session's state in memory and in the store (``lock`` held); counters kept."""
+        table = self.table
+        now = time.time()
+        if self.persistent:
+            rows = table.stored_rows(np.array([slot]), self.layout, self.version)
+            rows.blob = np.zeros_like(rows.blob)
+            rows.updated = np.array([now])
+            await self.store.write(self.store.store.save, self.model, rows)
+        table.reset(slot, now)
+        return table.snapshot(slot)
+
+    async def delete(self, session_id: str) -> SessionSnapshot | None:
+        """Drop a session in memory (``lock`` held) and from the store; its last state."""
+        table = self.table
+        slot = table.index.get(session_id)
+        snap = None if slot is None else table.snapshot(slot)
+        if self.persistent:
+            await self.store.write(self.store.store.delete, self.model, [session_id])
+        if slot is not None:
+            table.remove(session_id)
+        return snap
+
+    async def evict_idle(self, ttl: float) -> int:
+        """Drop sessions idle longer than ``ttl`` seconds from memory (none with pending events).
+
+        Without a store that is the end of them; with one, they are restored when used again.
+        """
+        async with self.lock:
+            n = self.evict_idle_before(time.time() - ttl)
+        if n:
+            self.metrics.evictions.labels("ttl").inc(n)
+            log.info(
+                "evicted %d idle sessions of %s version %d from memory (ttl %.0fs)",
+                n,
+                self.model,
+                self.version,
+                ttl,
+            )
+        return n
+
+    def evict_idle_before(self, cutoff: float) -> int:
+        ids = self.table.idle_ids(cutoff)
+        for sid in ids:
+            self.table.remove(sid)
+        return len(ids)

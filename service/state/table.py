@@ -45,6 +45,29 @@ def session_id_error(session_id: str, max_bytes: int) -> str | None:
     return None
 
 
+class Limits:
+    """The caps every table of the server shares (one table per model version)."""
+
+    def __init__(self, max_sessions: int, tenants: bool = False, max_per_tenant: int = 0):
+        self.max_sessions = max_sessions
+        self.tenants = tenants
+        """Ids are tenants' keys (``state.keys``); live sessions are counted per tenant."""
+        self.max_per_tenant = max_per_tenant if tenants else 0
+        """With tenants, each holds at most this many live sessions (0 = no cap)."""
+        self.live = 0
+        self.tenant_live: Counter[str] = Counter()
+
+    def room(self) -> int:
+        """How many more sessions fit under the cap."""
+        return self.max_sessions - self.live
+
+    def tenant_room(self, tenant: str) -> int:
+        """How many more sessions the tenant may hold (a large number without a cap)."""
+        if not self.max_per_tenant:
+            return self.max_sessions
+        return self.max_per_tenant - self.tenant_live[tenant]
+
+
 class SessionTable:
     """Rows ``[capacity, n]`` per state tensor plus counters; a dict maps id -> row.
 
@@ -64,17 +87,29 @@ class SessionTable:
         output_alias: int | None = None,
         tenants: bool = False,
         max_per_tenant: int = 0,
+        limits: Limits | None = None,
+        kept_events: int = 0,
+        event_size: int = 0,
     ):
         self.state_sizes = tuple(state_sizes)
         self.output_size = output_size
         self.output_alias = output_alias
         """When the model's output *is* state ``k`` (plain LSTM: hidden), no copy is kept."""
-        self.max_sessions = max_sessions
-        self.tenants = tenants
-        """Ids are tenants' keys (``state.keys``); live sessions are counted per tenant."""
-        self.max_per_tenant = max_per_tenant if tenants else 0
-        """With tenants, each holds at most this many live sessions (0 = no cap)."""
+        self.limits = (
+            limits if limits is not None else Limits(max_sessions, tenants, max_per_tenant)
+        )
+        """Shared with the server's other tables: the caps hold across models and versions."""
+        self.max_sessions = self.limits.max_sessions
+        self.tenants = self.limits.tenants
+        self.max_per_tenant = self.limits.max_per_tenant
         self.tenant_live: Counter[str] = Counter()
+        """This table's live sessions per tenant (the caps count ``limits.tenant_live``)."""
+        self.kept_events = kept_events
+        """Each row keeps its last this-many events (to replay them on a new version)."""
+        self.event_size = event_size
+        self.kept = np.zeros((0, kept_events, event_size), np.float32)
+        self.kept_head = np.zeros(0, np.int32)
+        self.kept_n = np.zeros(0, np.int32)
         self.index: dict[str, int] = {}
         self.ids = np.empty(0, object)
         """Each row's session id (None for a free row)."""
@@ -119,14 +154,12 @@ class SessionTable:
         return int(self.create_many([session_id], time.time() if now is None else now)[0])
 
     def room(self) -> int:
-        """How many more sessions fit under the cap."""
-        return self.max_sessions - len(self.index)
+        """How many more sessions fit under the cap (counting every table)."""
+        return self.limits.room()
 
     def tenant_room(self, tenant: str) -> int:
         """How many more sessions the tenant may hold (a large number without a cap)."""
-        if not self.max_per_tenant:
-            return self.max_sessions
-        return self.max_per_tenant - self.tenant_live[tenant]
+        return self.limits.tenant_room(tenant)
 
     def tenant_count(self, tenant: str) -> int:
         """Live sessions of one tenant ("" without tenants: all of them)."""
@@ -151,12 +184,18 @@ class SessionTable:
         self.last_seq[slots] = 0
         self.created[slots] = now
         self.updated[slots] = now
+        if self.kept_events:
+            self.kept_n[slots] = 0
+            self.kept_head[slots] = 0
         column = np.empty(n, object)
         column[:] = session_ids
         self.ids[slots] = column
         self.index.update(zip(session_ids, slots.tolist()))
+        self.limits.live += n
         if self.tenants:
-            self.tenant_live.update(map(tenant_of, session_ids))
+            tenants = list(map(tenant_of, session_ids))
+            self.tenant_live.update(tenants)
+            self.limits.tenant_live.update(tenants)
         return slots
 
     def restore(self, slots: np.ndarray, rows: StoredRows, layout: StoreLayout) -> int:
@@ -176,37 +215,104 @@ class SessionTable:
             table[slots] = value
         if self.output_alias is None:
             self.output[slots] = output
+        kept = layout.kept(blob)
+        if self.kept_events:
+            if kept is not None and layout.replay_events == self.kept_events:
+                self._unpack_kept(slots, kept)
+            else:
+                self.kept_n[slots] = 0
         self.step[slots] = step
         self.last_seq[slots] = last_seq
         self.created[slots] = created
         self.updated[slots] = updated
         return int(slots.size)
 
-    def stored_rows(self, slots: np.ndarray, layout: StoreLayout) -> StoredRows:
+    def stored_rows(self, slots: np.ndarray, layout: StoreLayout, version: int = 1) -> StoredRows:
         """These rows as the store keeps them."""
         return StoredRows(
             self.ids[slots].tolist(),
             self.step[slots],
             self.last_seq[slots],
-            layout.join([t[slots] for t in self.states], self.output[slots]),
+            layout.join([t[slots] for t in self.states], self.output[slots], self.kept_of(slots)),
             self.created[slots],
             self.updated[slots],
+            version,
         )
 
+    # -- the events each row keeps (for replay) --------------------------------------
+
+    def record(self, slots: np.ndarray, values: np.ndarray, resets: np.ndarray | None) -> None:
+        """Keep a run's events (distinct slots); a reset starts a row's kept events over."""
+        if not self.kept_events:
+            return
+        if resets is not None and resets.any():
+            self.kept_n[slots[resets]] = 0
+        head = self.kept_head[slots]
+        self.kept[slots, head] = values
+        self.kept_head[slots] = (head + 1) % self.kept_events
+        self.kept_n[slots] = np.minimum(self.kept_n[slots] + 1, self.kept_events)
+
+    def kept_after(
+        self, slots: np.ndarray, values: np.ndarray, resets: np.ndarray | None
+    ) -> np.ndarray | None:
+        """``kept_of`` as it will be once ``record`` has kept these events (nothing changes)."""
+        if not self.kept_events:
+            return None
+        out = self.kept_of(slots)
+        assert out is not None
+        n, k, e = slots.size, self.kept_events, self.event_size
+        count = self.kept_n[slots].copy()
+        if resets is not None:
+            count[resets] = 0
+        head = self.kept_head[slots]
+        ring = out[:, :-2].reshape(n, k, e)
+        ring[np.arange(n), head] = values
+        out[:, -2] = (head + 1) % k
+        out[:, -1] = np.minimum(count + 1, k)
+        return out
+
+    def kept_of(self, slots: np.ndarray) -> np.ndarray | None:
+        """The rows' kept events as the store keeps them: ``[n, K * E + 2]`` (the events in
+        ring order, then the ring's head and the count), or None without replay."""
+        if not self.kept_events:
+            return None
+        n = slots.size
+        out = np.empty((n, self.kept_events * self.event_size + 2), np.float32)
+        out[:, :-2] = self.kept[slots].reshape(n, -1)
+        out[:, -2] = self.kept_head[slots]
+        out[:, -1] = self.kept_n[slots]
+        return out
+
+    def _unpack_kept(self, slots: np.ndarray, kept: np.ndarray) -> None:
+        n = slots.size
+        self.kept[slots] = kept[:, :-2].reshape(n, self.kept_events, self.event_size)
+        self.kept_head[slots] = kept[:, -2].astype(np.int32)
+        self.kept_n[slots] = kept[:, -1].astype(np.int32)
+
+    def kept_events_of(self, slot: int) -> np.ndarray:
+        """One row's kept events, oldest first: ``[n, E]``."""
+        n = int(self.kept_n[slot])
+        at = (int(self.kept_head[slot]) - n + np.arange(n)) % self.kept_events
+        return self.kept[slot, at].copy()
+
     def reset(self, slot: int, now: float | None = None) -> None:
-        """Zero the state of a row; counters are kept."""
+        """Zero the state of a row (a new sequence: its kept events too); counters are kept."""
         self._zero(slot)
+        if self.kept_events:
+            self.kept_n[slot] = 0
         if now is not None:
             self.updated[slot] = now
 
     def write(
         self, slot: int, step: int, last_seq: int, states: Sequence[np.ndarray | None], now: float
     ) -> None:
-        """Overwrite a row (PutSession); a None state means zeros."""
+        """Overwrite a row (PutSession); a None state means zeros. Kept events start over."""
         for table, value in zip(self.states, states):
             table[slot] = 0.0 if value is None else value
         if self.output_alias is None:
             self.output[slot] = 0.0
+        if self.kept_events:
+            self.kept_n[slot] = 0
         self.step[slot] = step
         self.last_seq[slot] = last_seq
         self.updated[slot] = now
@@ -275,6 +381,10 @@ class SessionTable:
         else:
             np.add.at(self.pending, slots, 1)
 
+    def busy(self, slots: np.ndarray) -> bool:
+        """Whether any of these rows has events pending."""
+        return bool(self.pending[slots].any())
+
     def doomed_mask(self, slots: np.ndarray) -> np.ndarray | None:
         """Which rows were deleted while their events were pending; None when none was."""
         return self.doomed[slots] if self._n_doomed else None
@@ -288,8 +398,11 @@ class SessionTable:
     def remove(self, session_id: str) -> SessionSnapshot:
         """Drop a session; its row is freed now, or when its pending events are done."""
         slot = self.index.pop(session_id)
+        self.limits.live -= 1
         if self.tenants:
-            self.tenant_live[tenant_of(session_id)] -= 1
+            tenant = tenant_of(session_id)
+            self.tenant_live[tenant] -= 1
+            self.limits.tenant_live[tenant] -= 1
         snap = self.snapshot(slot)
         if self.pending[slot]:
             self.doomed[slot] = True
@@ -308,6 +421,10 @@ class SessionTable:
             self.doomed[slot] = False
             self._n_doomed -= 1
             self._release(slot)
+
+    def live_slots(self) -> np.ndarray:
+        """The rows of live sessions (not free, not deleted)."""
+        return np.fromiter(self.index.values(), np.int64, len(self.index))
 
     def idle_ids(self, older_than: float) -> list[str]:
         """Ids of live sessions not updated since ``older_than`` and with nothing pending."""
@@ -354,6 +471,10 @@ class SessionTable:
         self.updated = grown(self.updated, np.inf)
         self.pending = grown(self.pending)
         self.doomed = grown(self.doomed)
+        if self.kept_events:
+            self.kept = grown(self.kept)
+            self.kept_head = grown(self.kept_head)
+            self.kept_n = grown(self.kept_n)
         self.ids = grown(self.ids, None)
         # Pop from the end: hand out low rows first so the live rows stay dense.
         # New rows go under the rows freed earlier; both pop lowest-first. The stack

@@ -14,18 +14,27 @@ class NullStore(StateStore):
     persistent = False
 
     def __init__(self) -> None:
-        self.width = 0
+        self._layouts: dict[tuple[str, int], StoreLayout] = {}
 
-    def open(self, layout: StoreLayout, start_over: bool) -> None:
-        self.width = layout.width
-
-    def load(self, session_ids: Sequence[str]) -> StoredRows:
-        return StoredRows.empty(self.width)
-
-    def save(self, rows: StoredRows) -> None:
+    def open(self, start_over: bool, legacy_model: str) -> None:
         pass
 
-    def delete(self, session_ids: Sequence[str]) -> None:
+    def register(self, model: str, version: int, layout: StoreLayout) -> None:
+        self._layouts[(model, version)] = layout
+
+    def layouts(self, model: str) -> dict[int, StoreLayout]:
+        return {v: layout for (m, v), layout in self._layouts.items() if m == model}
+
+    def versions(self, model: str) -> set[int]:
+        return set()
+
+    def load(self, model: str, session_ids: Sequence[str]) -> list[StoredRows]:
+        return []
+
+    def save(self, model: str, rows: StoredRows) -> None:
+        pass
+
+    def delete(self, model: str, session_ids: Sequence[str]) -> None:
         pass
 
     def expire(self, older_than: float) -> int:

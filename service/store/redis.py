@@ -1,12 +1,14 @@
 """The Redis state store: sessions shared by every replica, each write a compare-and-set.
 
-A session is one Redis string, ``lstm:s:<id>``: a 32-byte header (step and last_seq
-as uint64, created and updated as float64, little-endian) and the float32 state blob
-laid out as ``StoreLayout`` says. Replicas keep sessions in memory as a cache; a write
-of events (``swap``) is one Lua script per batch that writes a row only when the
-stored row is still the one the replica's copy was made from (same step and same
-``updated`` bytes) and hands back the current row of every other, so a stale replica
-reloads and re-applies instead of overwriting. Expiry is Redis's own (``PX``).
+A session is one Redis string, ``lstm:m:<model>/<key>``: a 40-byte header (step and
+last_seq as uint64, created and updated as float64, the model version as int64,
+little-endian) and the float32 state blob laid out as the version's ``StoreLayout``
+says (every version's layout in the hash ``lstm:layouts``). Replicas keep sessions in
+memory as a cache; a write of events (``swap``) is one Lua script per batch that
+writes a row only when the stored row is still the one the replica's copy was made
+from (same step and same ``updated`` bytes) and hands back the current row of every
+other, so a stale replica reloads and re-applies instead of overwriting. Expiry is
+Redis's own (``PX``).
 """
 
 from __future__ import annotations
@@ -27,14 +29,25 @@ from service.store.base import (
     StoreError,
     StoreLayout,
     StoreMismatchError,
+    mismatch,
 )
 
 log = logging.getLogger(__name__)
 
-PREFIX = b"lstm:s:"
-LAYOUT_KEY = b"lstm:layout"
+PREFIX = b"lstm:m:"
+LAYOUTS_KEY = b"lstm:layouts"
 PROBE_KEY = b"lstm:probe"
-HEADER = [("step", "<u8"), ("last_seq", "<u8"), ("created", "<f8"), ("updated", "<f8")]
+LEGACY_PREFIX = b"lstm:s:"
+LEGACY_LAYOUT_KEY = b"lstm:layout"
+"""The one-model release's keys: adopted as version 1 of the default model at open."""
+HEADER = [
+    ("step", "<u8"),
+    ("last_seq", "<u8"),
+    ("created", "<f8"),
+    ("updated", "<f8"),
+    ("version", "<i8"),
+]
+LEGACY_HEADER_BYTES = 32
 TAG = np.dtype([("step", "<u8"), ("updated", "<f8")])
 """What a compare-and-set compares: a row's step and its ``updated`` bytes (16 bytes)."""
 
@@ -88,8 +101,8 @@ def redact(url: str) -> str:
 class RedisStore(StateStore):
     """Sessions in one Redis database (``redis://HOST:PORT/DB`` or ``rediss://`` for TLS).
 
-    Blocking calls from the store thread (so one pooled connection); every call is one
-    round trip.
+    Blocking calls from the store's threads (redis-py pools a connection per thread);
+    every call is one round trip, but for ``open`` and the scans of ``versions``.
     """
 
     shared = True
@@ -102,10 +115,9 @@ class RedisStore(StateStore):
         self._redis_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self.url = redact(url)
         self.ttl_ms = int(ttl * 1000)
-        self.layout: StoreLayout | None = None
-        self._record: np.dtype[Any] | None = None
+        self._layouts: dict[tuple[str, int], StoreLayout] = {}
         # No retries inside redis-py: a write whose answer was lost must surface as a
-        # failure, not be sent twice; the batcher's compare-and-set sorts out the rest.
+        # failure, not be sent twice; the compare-and-set sorts out the rest.
         self.db = redis.Redis.from_url(
             url,
             socket_timeout=timeout or None,
@@ -117,103 +129,182 @@ class RedisStore(StateStore):
     def _fail(self, what: str, exc: BaseException) -> StoreError:
         return StoreError(f"state store {what} failed ({self.url}): {exc}")
 
-    def open(self, layout: StoreLayout, start_over: bool) -> None:
+    def open(self, start_over: bool, legacy_model: str) -> None:
         try:
-            raw = self.db.get(LAYOUT_KEY)
-            stored = raw.decode() if isinstance(raw, bytes) else raw
-            if stored is not None and stored != layout.to_json() and not start_over:
-                raise StoreMismatchError(
-                    f"state store {self.url} holds sessions of "
-                    f"{StoreLayout.from_json(stored).describe()}; this server runs "
-                    f"{layout.describe()}. Start with --store-reset to delete the stored "
-                    "sessions and start over, or use another Redis database."
-                )
+            self._adopt_legacy(legacy_model)
             if start_over:
                 deleted = 0
                 for chunk in _chunks(self.db.scan_iter(match=PREFIX + b"*", count=1000), 1000):
                     deleted += int(self.db.unlink(*chunk))
+                self.db.delete(LAYOUTS_KEY)
                 log.warning("--store-reset: deleted %d stored sessions from %s", deleted, self.url)
-            self.db.set(LAYOUT_KEY, layout.to_json())
+            found: dict[bytes, bytes] = self.db.hgetall(LAYOUTS_KEY)  # type: ignore[assignment]
         except self._redis_errors as exc:
             raise StoreError(f"cannot open state store {self.url}: {exc}") from exc
-        self.layout = layout
-        self._record = np.dtype([*HEADER, ("blob", "<f4", (layout.width,))])
+        self._layouts = {}
+        for field, value in found.items():
+            model, _, version = field.decode().rpartition("/")
+            self._layouts[(model, int(version))] = StoreLayout.from_json(value.decode())
 
-    @property
-    def record(self) -> np.dtype[Any]:
-        assert self._record is not None, "open() first"
-        return self._record
+    def _adopt_legacy(self, legacy_model: str) -> None:
+        """Keys of the one-model release become version 1 of ``legacy_model``."""
+        layout = self.db.get(LEGACY_LAYOUT_KEY)
+        if layout is None:
+            return
+        moved = 0
+        version = np.array([1], "<i8").tobytes()
+        chunk: list[bytes]
+        for chunk in _chunks(self.db.scan_iter(match=LEGACY_PREFIX + b"*", count=1000), 1000):
+            values = self.db.mget(chunk)
+            ttls = self.db.pipeline(transaction=False)
+            for key in chunk:
+                ttls.pttl(key)
+            expiries = ttls.execute()
+            with self.db.pipeline(transaction=True) as pipe:
+                for key, value, ttl in zip(chunk, values, expiries):  # type: ignore[arg-type]
+                    if value is None:
+                        continue
+                    new = PREFIX + legacy_model.encode() + b"/" + key[len(LEGACY_PREFIX) :]
+                    raw = bytes(value)  # type: ignore[arg-type]
+                    row = raw[:LEGACY_HEADER_BYTES] + version + raw[LEGACY_HEADER_BYTES:]
+                    pipe.set(new, row, px=ttl if ttl and ttl > 0 else None)
+                    pipe.delete(key)
+                    moved += 1
+                pipe.execute()
+        field = f"{legacy_model}/1"
+        self.db.hset(LAYOUTS_KEY, field, layout)
+        self.db.delete(LEGACY_LAYOUT_KEY)
+        log.info(
+            "state store %s: %d sessions of the one-model format kept as %r version 1",
+            self.url,
+            moved,
+            legacy_model,
+        )
 
-    def load(self, session_ids: Sequence[str]) -> StoredRows:
-        if not session_ids:
-            return self._decode([], [])
+    def register(self, model: str, version: int, layout: StoreLayout) -> None:
+        stored = self._layouts.get((model, version))
+        if stored == layout:
+            return
         try:
-            values: list[bytes | None] = self.db.mget([_key(s) for s in session_ids])  # type: ignore[assignment]
+            if stored is not None and version in self.versions(model):
+                raise StoreMismatchError(mismatch(self.url, model, version, stored, layout))
+            self.db.hset(LAYOUTS_KEY, f"{model}/{version}", layout.to_json())
+        except self._redis_errors as exc:
+            raise self._fail("write", exc) from exc
+        self._layouts[(model, version)] = layout
+
+    def layouts(self, model: str) -> dict[int, StoreLayout]:
+        return {v: layout for (m, v), layout in self._layouts.items() if m == model}
+
+    def versions(self, model: str) -> set[int]:
+        """A scan of the model's keys (their version bytes only): O(sessions)."""
+        found: set[int] = set()
+        header = LEGACY_HEADER_BYTES
+        try:
+            pattern = _prefix(model) + b"*"
+            for chunk in _chunks(self.db.scan_iter(match=pattern, count=1000), 1000):
+                pipe = self.db.pipeline(transaction=False)
+                for key in chunk:
+                    pipe.getrange(key, header, header + 7)
+                for raw in pipe.execute():
+                    if raw and len(raw) == 8:
+                        found.add(int(np.frombuffer(raw, "<i8")[0]))
+        except self._redis_errors as exc:
+            raise self._fail("read", exc) from exc
+        return found
+
+    def _record(self, model: str, version: int) -> np.dtype[Any]:
+        layout = self._layouts.get((model, version))
+        if layout is None:
+            raise StoreError(
+                f"state store read failed: sessions of {model!r} version {version} have no "
+                "recorded layout"
+            )
+        return np.dtype([*HEADER, ("blob", "<f4", (layout.width,))])
+
+    def load(self, model: str, session_ids: Sequence[str]) -> list[StoredRows]:
+        if not session_ids:
+            return []
+        try:
+            values: list[bytes | None] = self.db.mget([_key(model, s) for s in session_ids])  # type: ignore[assignment]
         except self._redis_errors as exc:
             raise self._fail("read", exc) from exc
         found = [(s, v) for s, v in zip(session_ids, values) if v is not None]
-        return self._decode([s for s, _ in found], [v for _, v in found])
+        return self._decode(model, [s for s, _ in found], [v for _, v in found])
 
-    def _decode(self, ids: list[str], values: list[bytes]) -> StoredRows:
-        size = self.record.itemsize
-        bad = [sid for sid, v in zip(ids, values) if len(v) != size]
-        if bad:
-            raise StoreError(
-                f"state store read failed: session {bad[0]!r} has a state of the wrong size"
+    def _decode(self, model: str, ids: list[str], values: list[bytes]) -> list[StoredRows]:
+        """Rows grouped by the version in their header."""
+        by_version: dict[int, list[int]] = {}
+        for i, value in enumerate(values):
+            version = int(np.frombuffer(value[32:40], "<i8")[0]) if len(value) >= 40 else -1
+            by_version.setdefault(version, []).append(i)
+        out = []
+        for version, at in by_version.items():
+            record = self._record(model, version) if version >= 0 else None
+            bad = [ids[i] for i in at if record is None or len(values[i]) != record.itemsize]
+            if bad or record is None:
+                raise StoreError(
+                    f"state store read failed: session {bad[0]!r} has a state of the wrong size"
+                )
+            rec = np.frombuffer(b"".join(values[i] for i in at), record)
+            out.append(
+                StoredRows(
+                    [ids[i] for i in at],
+                    rec["step"].astype(np.uint64),
+                    rec["last_seq"].astype(np.uint64),
+                    rec["blob"].astype(np.float32).reshape(len(at), record["blob"].shape[0]),
+                    rec["created"].astype(np.float64),
+                    rec["updated"].astype(np.float64),
+                    version,
+                )
             )
-        rec = np.frombuffer(b"".join(values), self.record)
-        return StoredRows(
-            ids,
-            rec["step"].astype(np.uint64),
-            rec["last_seq"].astype(np.uint64),
-            rec["blob"].astype(np.float32).reshape(len(ids), self.record["blob"].shape[0]),
-            rec["created"].astype(np.float64),
-            rec["updated"].astype(np.float64),
-        )
+        return out
 
-    def _records(self, rows: StoredRows) -> bytes:
-        """The rows' values, back to back (each ``record.itemsize`` bytes)."""
-        rec = np.empty(len(rows), self.record)
+    def _records(self, model: str, rows: StoredRows) -> tuple[bytes, int]:
+        """The rows' values, back to back, and the size of one."""
+        record = self._record(model, rows.version)
+        rec = np.empty(len(rows), record)
         rec["step"] = rows.step
         rec["last_seq"] = rows.last_seq
         rec["created"] = rows.created
         rec["updated"] = rows.updated
+        rec["version"] = rows.version
         rec["blob"] = rows.blob
-        return rec.tobytes()
+        return rec.tobytes(), record.itemsize
 
-    def _encode(self, rows: StoredRows) -> list[bytes]:
-        data = self._records(rows)
-        size = self.record.itemsize
-        return [data[i : i + size] for i in range(0, len(data), size)]
-
-    def save(self, rows: StoredRows) -> None:
+    def save(self, model: str, rows: StoredRows) -> None:
+        data, size = self._records(model, rows)
         try:
             with self.db.pipeline(transaction=True) as pipe:
-                for sid, value in zip(rows.session_ids, self._encode(rows)):
-                    pipe.set(_key(sid), value, px=self.ttl_ms or None)
+                for i, sid in enumerate(rows.session_ids):
+                    row = data[i * size : (i + 1) * size]
+                    pipe.set(_key(model, sid), row, px=self.ttl_ms or None)
                 pipe.execute()
         except self._redis_errors as exc:
             raise self._fail("write", exc) from exc
 
-    def swap(self, rows: StoredRows, prev_step: np.ndarray, prev_updated: np.ndarray) -> Conflicts:
+    def swap(
+        self, model: str, rows: StoredRows, prev_step: np.ndarray, prev_updated: np.ndarray
+    ) -> Conflicts:
         tags = np.empty(len(rows), TAG)
         tags["step"] = prev_step
         tags["updated"] = prev_updated
-        args: list[int | bytes] = [self.ttl_ms, self.record.itemsize]
-        args += (tags.tobytes(), self._records(rows))
+        data, size = self._records(model, rows)
+        args: list[int | bytes] = [self.ttl_ms, size, tags.tobytes(), data]
         try:
-            out = self._swap(keys=[_key(s) for s in rows.session_ids], args=args)
+            out = self._swap(keys=[_key(model, s) for s in rows.session_ids], args=args)
         except self._redis_errors as exc:
             raise self._fail("write", exc) from exc
         index = np.array(out[0::2], np.int64)
         current = [(rows.session_ids[i], v) for i, v in zip(index.tolist(), out[1::2]) if v]
-        return Conflicts(index, self._decode([s for s, _ in current], [v for _, v in current]))
+        found = self._decode(model, [s for s, _ in current], [v for _, v in current])
+        return Conflicts(index, found)
 
-    def delete(self, session_ids: Sequence[str]) -> None:
+    def delete(self, model: str, session_ids: Sequence[str]) -> None:
         if not session_ids:
             return
         try:
-            self.db.delete(*[_key(s) for s in session_ids])
+            self.db.delete(*[_key(model, s) for s in session_ids])
         except self._redis_errors as exc:
             raise self._fail("delete", exc) from exc
 
@@ -230,8 +321,12 @@ class RedisStore(StateStore):
         self.db.close()
 
 
-def _key(session_id: str) -> bytes:
-    return PREFIX + session_id.encode("utf-8", "surrogatepass")
+def _prefix(model: str) -> bytes:
+    return PREFIX + model.encode() + b"/"
+
+
+def _key(model: str, session_id: str) -> bytes:
+    return _prefix(model) + session_id.encode("utf-8", "surrogatepass")
 
 
 def _chunks(items: Any, n: int) -> Any:

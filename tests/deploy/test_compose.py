@@ -148,7 +148,7 @@ def test_the_scaled_profile_runs_natively(tmp_path: Path) -> None:
             )
             np.testing.assert_allclose(got[0].output, ref.step("scaled", x[0]), atol=1e-5)
         aof = b"".join(p.read_bytes() for p in (tmp_path / "redis").rglob("*.aof"))
-        assert b"lstm:s:scaled" in aof
+        assert b"lstm:m:lstm/scaled" in aof
     finally:
         proxy.stop()
         for proc, _, _ in replicas:

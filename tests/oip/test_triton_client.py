@@ -134,7 +134,7 @@ async def test_bad_requests_give_clear_errors(start_server: ServerFactory, tmp_p
         assert got[case] is not None, f"{case}: no error"
         assert got[case]["status"] == status, (case, got[case])
         assert text in got[case]["message"], (case, got[case])
-    assert len(server.cache.table) == 0  # type: ignore[union-attr]  # nothing was applied
+    assert len(server.engine.lanes[0].table) == 0  # type: ignore[union-attr]  # nothing was applied
 
 
 async def test_our_protocol_is_wire_compatible_with_tritonclient(
@@ -170,7 +170,7 @@ def _fields(message: Any) -> dict[str, list[Any]]:
 
 async def test_calls_we_do_not_serve_are_unimplemented(server: Server) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        for method in ("RepositoryIndex", "SystemSharedMemoryStatus", "LogSettings"):
+        for method in ("SystemSharedMemoryStatus", "LogSettings", "TraceSetting"):
             call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call(b"")

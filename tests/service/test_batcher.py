@@ -11,12 +11,15 @@ from onnx import TensorProto, helper, numpy_helper
 from prometheus_client import CollectorRegistry
 
 from service.core.engine import Engine
-from service.core.types import Code, EngineClosed, EventBlock
+from service.core.sessions import Sessions
+from service.core.types import Code, EngineClosed, EventBlock, Job
 from service.metrics import Metrics
+from service.models import LoadSettings, Registry
+from service.repository import ModelConfig, SingleModel
 from service.runtime import Runtime, load_model_bytes
-from service.state.cache import SessionCache, StoreAccess
-from service.state.table import SessionTable
-from service.store import NullStore, StoreLayout
+from service.state.cache import StoreAccess
+from service.state.table import Limits, SessionSnapshot
+from service.store import NullStore
 from tests.service.models import failing_model
 from tests.service.reference import Reference, events
 
@@ -26,13 +29,47 @@ def runtime() -> Runtime:
     return Runtime(*load_model_bytes(None), "cpu")
 
 
-def make(runtime: Runtime, max_batch: int = 64, inline_batch: int = 0) -> Engine:
-    spec = runtime.spec
-    table = SessionTable(spec.state_sizes, spec.output_size, max_sessions=1000)
+class Batcher:
+    """The engine serving one model, "m", from a given runtime (no network)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.metrics = engine.metrics
+        self.lane = engine.models["m"].lanes[1]
+        self.sessions = Sessions(engine, engine.models["m"])
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def submit(self, block: EventBlock) -> Job:
+        return self.engine.submit("m", block)
+
+    async def get(self, session_id: str) -> SessionSnapshot | None:
+        found = await self.sessions.get(session_id)
+        return None if found is None else found.snapshot
+
+    async def drain(self) -> None:
+        await self.engine.drain()
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+
+
+async def make(runtime: Runtime, max_batch: int = 64, inline_batch: int = 0) -> Batcher:
     metrics = Metrics(CollectorRegistry())
-    layout = StoreLayout("", spec.state_names, spec.state_sizes, spec.output_size, None)
-    cache = SessionCache(table, layout, StoreAccess(NullStore(), metrics), metrics)
-    return Engine(runtime, cache, metrics, max_batch, 128, inline_batch)
+    access = StoreAccess(NullStore(), metrics)
+    engine = Engine(metrics, access, max_batch, 128, inline_batch)
+    registry = Registry(
+        engine,
+        access,
+        Limits(1000),
+        metrics,
+        SingleModel("m", None),
+        LoadSettings("cpu", 1, max_batch, 1024),
+        "m",
+    )
+    await registry.install("m", 1, runtime, b"", ModelConfig("m"))
+    return Batcher(engine)
 
 
 def block(ids: list[str], values: np.ndarray, seqs: list[int] | None = None) -> EventBlock:
@@ -42,7 +79,7 @@ def block(ids: list[str], values: np.ndarray, seqs: list[int] | None = None) -> 
 
 @pytest.mark.parametrize("inline_batch", [0, 64])
 async def test_one_event_per_session_per_run_in_order(runtime: Runtime, inline_batch: int) -> None:
-    batcher = make(runtime, inline_batch=inline_batch)
+    batcher = await make(runtime, inline_batch=inline_batch)
     batcher.start()
     ref = Reference()
     xs = events(np.random.default_rng(0), 6)
@@ -60,7 +97,7 @@ async def test_one_event_per_session_per_run_in_order(runtime: Runtime, inline_b
 
 
 async def test_max_batch_splits_runs_and_later_jobs_keep_their_order(runtime: Runtime) -> None:
-    batcher = make(runtime, max_batch=4)
+    batcher = await make(runtime, max_batch=4)
     batcher.start()
     ref = Reference()
     xs = events(np.random.default_rng(1), 20)
@@ -77,23 +114,23 @@ async def test_max_batch_splits_runs_and_later_jobs_keep_their_order(runtime: Ru
 async def test_a_failed_run_answers_internal_and_keeps_state() -> None:
     runtime = Runtime(failing_model(), "failing.onnx", "cpu")
     runtime.warm_up(8)
-    batcher = make(runtime)
+    batcher = await make(runtime)
     batcher.start()
     good = np.array([[1.0, 2.0]], np.float32)
     ok = batcher.submit(block(["a"], good, [1]))
     await ok.future  # type: ignore[misc]
     assert ok.codes.tolist() == [0] and ok.outputs.tolist() == [[1.0, 2.0]]
-    before = await batcher.lane.cache.get("a")
+    before = await batcher.get("a")
     # One poisoned event fails its whole run: both events get INTERNAL, neither state moves.
     bad = batcher.submit(block(["a", "b"], np.array([[50.0, 0.0], [1.0, 1.0]], np.float32), [2, 0]))
     await bad.future  # type: ignore[misc]
     assert bad.codes.tolist() == [Code.INTERNAL, Code.INTERNAL]
     assert bad.errors[0] == "the model failed on this event's batch"
     assert not bad.outputs.any()
-    after = await batcher.lane.cache.get("a")
+    after = await batcher.get("a")
     assert before is not None and after is not None
     assert (after.step, after.last_seq) == (1, 1)
-    b = await batcher.lane.cache.get("b")
+    b = await batcher.get("b")
     assert b is not None and b.step == 0
     # The batcher keeps going; seq 2 was never applied, so it is not a duplicate now.
     again = batcher.submit(block(["a"], good, [2]))
@@ -103,7 +140,7 @@ async def test_a_failed_run_answers_internal_and_keeps_state() -> None:
 
 
 async def test_drain_refuses_new_events(runtime: Runtime) -> None:
-    batcher = make(runtime)
+    batcher = await make(runtime)
     batcher.start()
     job = batcher.submit(block(["a"], events(np.random.default_rng(3), 1)))
     await batcher.drain()
@@ -151,19 +188,19 @@ def lying_model() -> bytes:
 
 async def test_outputs_of_undeclared_shapes_fail_the_batch_and_keep_state() -> None:
     runtime = Runtime(lying_model(), "lying.onnx", "cpu")
-    batcher = make(runtime)
+    batcher = await make(runtime)
     batcher.start()
     ok = batcher.submit(block(["a"], np.full((1, 2), 2.0, np.float32)))  # width 2: true
     await ok.future
     assert ok.codes.tolist() == [0]
-    before = await batcher.lane.cache.get("a")
+    before = await batcher.get("a")
     x = np.full((2, 2), 3.0, np.float32)  # width 3: a lie
     jobs = [batcher.submit(block(["a", "b"], x)), batcher.submit(block(["a"], x[:1]))]
     await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 5)
     assert jobs[0].codes.tolist() == [Code.INTERNAL] * 2
     assert jobs[1].codes.tolist() == [Code.INTERNAL]
     assert jobs[1].errors[0] == "the model failed on this event's batch"
-    after = await batcher.lane.cache.get("a")
+    after = await batcher.get("a")
     assert before is not None and after is not None and after.step == before.step == 1
     np.testing.assert_array_equal(after.states[0], before.states[0])
     assert batcher.lane.cache.table.pending[: batcher.lane.cache.table.capacity].sum() == 0
@@ -173,7 +210,7 @@ async def test_outputs_of_undeclared_shapes_fail_the_batch_and_keep_state() -> N
 async def test_answered_requests_leave_no_garbage_cycles(runtime: Runtime) -> None:
     """Freed by reference counting alone: the collector has nothing of ours to find,
     so its cost does not grow with requests in flight (docs/PERFORMANCE.md)."""
-    batcher = make(runtime)
+    batcher = await make(runtime)
     batcher.start()
     xs = events(np.random.default_rng(5), 4)
     await batcher.submit(block(["a", "b", "a", "c"], xs)).future  # type: ignore[misc]
@@ -199,7 +236,7 @@ async def test_a_caller_gone_mid_run_leaves_the_rest_of_the_run_answered(
 ) -> None:
     """A request whose caller left (its future cancelled, e.g. the stream ended) while its
     event was in a run: the other requests of that run are answered as usual."""
-    batcher = make(runtime)
+    batcher = await make(runtime)
     batcher.start()
     ref = Reference()
     xs = events(np.random.default_rng(6), 3)
@@ -210,6 +247,6 @@ async def test_a_caller_gone_mid_run_leaves_the_rest_of_the_run_answered(
     assert kept.codes.tolist() == [0, 0] and kept.steps.tolist() == [1, 2]
     for i in (1, 2):
         np.testing.assert_allclose(kept.outputs[i - 1], ref.step("b", xs[i]), atol=1e-5)
-    a = await batcher.lane.cache.get("a")
+    a = await batcher.get("a")
     assert a is not None and a.step == 1  # applied: the caller just never heard
     await batcher.stop()

@@ -29,6 +29,7 @@ def protobuf_results(
     hidden: np.ndarray | None,
     cell: np.ndarray | None,
     named: list[tuple[str, np.ndarray]],
+    versions: list[int],
 ) -> bytes:
     """The same answer built as messages (how the servicer used to) and serialised."""
     response = pb.StepResponse()
@@ -45,6 +46,7 @@ def protobuf_results(
             r.cell.extend(cell[i].tolist())
         for name, rows in named:
             r.states.add(name=name, values=rows[i].tolist())
+        r.model_version = versions[i]
     return response.SerializeToString()
 
 
@@ -84,6 +86,7 @@ def answers(draw: st.DrawFn) -> tuple:
         hidden,
         cell,
         named,
+        draw(st.lists(U64, min_size=n, max_size=n)),
     )
 
 

@@ -69,12 +69,12 @@ async def test_sessions_survive_a_restart(start_server: ServerFactory, tmp_path:
     await server.stop()
 
     server = await start_server(state_store=db)
-    assert len(server.cache.table) == 0  # type: ignore[union-attr]
+    assert len(server.engine.lanes[0].table) == 0  # type: ignore[union-attr]
     async for stub in stub_of(server):
         before = await session(stub, "s3")  # read from the store, not brought into memory
         assert (before.step, before.last_seq) == (4, 4)
         assert_state(before, ref, "s3")
-        assert len(server.cache.table) == 0  # type: ignore[union-attr]
+        assert len(server.engine.lanes[0].table) == 0  # type: ignore[union-attr]
         plan = [Ev(f"s{i}", x[32 + i], seq=5) for i in range(8)]
         got = answers(await stub.Step(request(plan, columnar=True)))
         for ev, answer in zip(plan, got):  # each continues from its stored state
@@ -99,10 +99,10 @@ async def test_memory_eviction_keeps_the_stored_state(
         ref.step("a", x[0])
         ref.step("a", x[1])
         for _ in range(100):
-            if "a" not in server.cache.table:  # type: ignore[union-attr]
+            if "a" not in server.engine.lanes[0].table:  # type: ignore[union-attr]
                 break
             await asyncio.sleep(0.05)
-        assert "a" not in server.cache.table  # type: ignore[union-attr]
+        assert "a" not in server.engine.lanes[0].table  # type: ignore[union-attr]
         got = answers(await stub.Step(request([Ev("a", x[2])])))
         assert got[0].step == 3
         np.testing.assert_allclose(got[0].output, ref.step("a", x[2]), atol=1e-5)
@@ -139,7 +139,7 @@ async def test_session_rpcs_write_through(start_server: ServerFactory, tmp_path:
         assert last.step == 1
         with pytest.raises(grpc.aio.AioRpcError):
             await session(stub, "kept")
-        assert len(server.cache.table) == 0  # type: ignore[union-attr]
+        assert len(server.engine.lanes[0].table) == 0  # type: ignore[union-attr]
 
 
 async def test_store_ttl_deletes_idle_sessions(start_server: ServerFactory, tmp_path: Path) -> None:
@@ -242,10 +242,10 @@ async def test_warm_sessions_are_answered_while_a_cold_one_is_read(
     release = threading.Event()
     load = SqliteStore.load
 
-    def slow_load(store: SqliteStore, session_ids: Sequence[str]) -> object:
+    def slow_load(store: SqliteStore, model: str, session_ids: Sequence[str]) -> object:
         if "cold" in session_ids:  # the store answers this read only when the test says so
             release.wait(30)
-        return load(store, session_ids)
+        return load(store, model, session_ids)
 
     monkeypatch.setattr(SqliteStore, "load", slow_load)
     server = await start_server(state_store=db)
@@ -269,16 +269,21 @@ async def test_warm_sessions_are_answered_while_a_cold_one_is_read(
 
 
 def test_a_store_of_another_model_stops_the_start(tmp_path: Path) -> None:
+    """Sessions stored by other weights under the same model version: no policy can serve
+    them, so the start fails (an empty store of another model is simply taken over)."""
     db = url(tmp_path / "s.db")
     model = tmp_path / "failing.onnx"
     model.write_bytes(failing_model())
     target = procs.start("server", None, ["--device", DEVICE, "--state-store", db])
+    with grpc.insecure_channel(target.address) as channel:
+        stub = pb_grpc.LstmStreamStub(channel)
+        assert answers(stub.Step(request([Ev("a", [0.0] * 32)])))[0].code == 0
     assert target.stop() == 0
     cmd = [sys.executable, "-m", "service", "--port", "0", "--metrics-port", "0"]
     cmd += ["--device", DEVICE, "--state-store", db, "--model", str(model)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
-    assert "holds sessions of model" in done.stderr and "--store-reset" in done.stderr
+    assert "holds sessions of 'lstm' version 1" in done.stderr and "--store-reset" in done.stderr
     target = procs.start("server", None, ["--device", DEVICE, "--state-store", db])
     assert target.stop() == 0  # the original model still opens it
     args = ["--device", DEVICE, "--state-store", db, "--model", str(model), "--store-reset"]

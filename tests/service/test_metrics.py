@@ -44,6 +44,9 @@ async def test_metrics_move_with_traffic(start_server: ServerFactory) -> None:
     info = [k for k in before if k[0] == "lstm_model_info"]
     assert len(info) == 1 and value(before, "lstm_model_info", **dict(info[0][1])) == 1
     assert dict(info[0][1])["event_size"] == "32"
+    assert dict(info[0][1])["model"] == "lstm" and dict(info[0][1])["version"] == "1"
+    assert value(before, "lstm_model_version_state", model="lstm", version="1", state="READY")
+    assert value(before, "lstm_model_loads_total", model="lstm") == 1
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.LstmStreamStub(channel)
@@ -69,6 +72,7 @@ async def test_metrics_move_with_traffic(start_server: ServerFactory) -> None:
     assert value(during, "lstm_active_streams") == 1
     assert value(after, "lstm_active_streams") == 0
     assert value(with_sessions, "lstm_live_sessions") == 39
+    assert value(with_sessions, "lstm_model_live_sessions", model="lstm", version="1") == 39
     assert value(after, "lstm_live_sessions") == 0
     assert value(after, "lstm_events_total", outcome="applied") == 41
     assert value(after, "lstm_events_total", outcome="duplicate") == 1
@@ -85,13 +89,16 @@ async def test_metrics_move_with_traffic(start_server: ServerFactory) -> None:
     assert value(after, "lstm_event_latency_seconds_count") == 42
     assert value(after, "lstm_event_latency_seconds_sum") > 0
     assert value(after, "lstm_queue_wait_seconds_count") == 41
-    assert value(after, "lstm_batch_size_sum") == 41
-    assert value(after, "lstm_batch_size_count") == 2  # the duplicate-only run skips ONNX
-    assert value(after, "lstm_inference_duration_seconds_count") == value(
-        after, "lstm_batch_size_count"
+    lane = {"model": "lstm", "version": "1"}
+    assert value(after, "lstm_model_events_total", **lane, outcome="applied") == 41
+    assert value(after, "lstm_model_events_total", **lane, outcome="duplicate") == 1
+    assert value(after, "lstm_batch_size_sum", **lane) == 41
+    assert value(after, "lstm_batch_size_count", **lane) == 2  # a duplicate-only run skips ONNX
+    assert value(after, "lstm_inference_duration_seconds_count", **lane) == value(
+        after, "lstm_batch_size_count", **lane
     )
-    for name in ("lstm_event_latency_seconds_count", "lstm_batch_size_count"):
-        assert value(before, name) == 0
+    assert value(before, "lstm_event_latency_seconds_count") == 0
+    assert value(before, "lstm_batch_size_count", **lane) == 0
 
 
 async def test_failed_rpcs_are_counted_by_code(

@@ -30,6 +30,9 @@ def test_every_field_has_a_flag_and_a_variable() -> None:
         "state_store": "sqlite:///var/lib/lstm/state.db",
         "store_sync": "full",
         "store_reset": "yes",
+        "model_control": "explicit",
+        "load_model": "a,b",
+        "admin_tenants": "ops",
     }
     tls = {"tls_cert": "c.pem", "tls_key": "k.pem", "tls_client_ca": "ca.pem"}
     needs = {  # fields that only make sense with others
