@@ -100,7 +100,7 @@ class Registry:
             if name not in models and len(models) == 1:
                 name = next(iter(models))
         model = models.get(name)
-        if model is None or (model.newest is None and not model.lanes):
+        if model is None or model.closed or (model.newest is None and not model.lanes):
             raise UnknownModel(
                 f"no model {name!r} is loaded"
                 + (f" (loaded: {', '.join(sorted(models))})" if models else "")

@@ -25,6 +25,7 @@ from service.server import Server
 from tests.conftest import ServerFactory
 from tests.service.client import Ev, request
 from tests.service.reference import Reference, events
+from tests.service.versions import E, add_version, repository
 
 ROOT = Path(__file__).resolve().parents[2]
 TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
@@ -186,3 +187,26 @@ async def test_the_readme_triton_example_runs(server: Server) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "(1, 64)"
+
+
+async def test_model_control_through_tritonclient(
+    tmp_path: Path, start_server: ServerFactory
+) -> None:
+    """tritonclient's get_model_repository_index, load_model and unload_model, unchanged:
+    a new version put in the repository is loaded on request and answers new sequences;
+    the session that was running stays on its version (drain) until the model unloads."""
+    repo = repository(tmp_path / "repo", "lstm", "drain")
+    server = await start_server(model_repository=str(repo), model_control="explicit")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.LstmStreamStub(channel)
+        await stub.Step(request([Ev("running", np.ones(E, np.float32))]))
+        add_version(repo, "lstm", 2)
+        got = await triton(server, "control", tmp_path)
+        assert [(m["name"], m["version"], m["state"]) for m in got["before"]["models"]] == [
+            ("lstm", "1", "READY")
+        ]
+        loaded = {m["version"]: m["state"] for m in got["loaded"]["models"]}
+        assert loaded == {"1": "RETIRING", "2": "READY"}  # 1 drains its running session
+        assert got["version"] == "2" and got["ready"]
+        assert {m["state"] for m in got["unloaded"]["models"]} <= {"UNAVAILABLE", "RETIRING"}
+        assert got["after_unload"] == "Request for unknown model: 'lstm' is not found"

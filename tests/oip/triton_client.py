@@ -174,6 +174,33 @@ def descriptors(client: object, out: Path) -> dict:
     }
 
 
+def control(client: grpcclient.InferenceServerClient, out: Path) -> dict:
+    """Model control as Triton's users do it: the repository index, load_model (a new
+    version was put in the repository), inference on it, unload_model."""
+    x = np.ones((1, 4), np.float32)
+    before = client.get_model_repository_index(as_json=True)
+    client.load_model(MODEL)
+    loaded = client.get_model_repository_index(as_json=True)
+    result = client.infer(MODEL, [event_input(x)], sequence_id=77, sequence_start=True)
+    version = result.get_response().model_version
+    ready = client.is_model_ready(MODEL, "2")
+    client.unload_model(MODEL)
+    unloaded = client.get_model_repository_index(as_json=True)
+    try:
+        client.infer(MODEL, [event_input(x)], sequence_id=78, sequence_start=True)
+        after_unload = "answered"
+    except InferenceServerException as exc:
+        after_unload = exc.message()
+    return {
+        "before": before,
+        "loaded": loaded,
+        "version": version,
+        "ready": ready,
+        "unloaded": unloaded,
+        "after_unload": after_unload,
+    }
+
+
 def main() -> None:
     address, scenario, directory = sys.argv[1:4]
     client = grpcclient.InferenceServerClient(address)
@@ -183,6 +210,7 @@ def main() -> None:
         "stream": stream,
         "errors": errors,
         "descriptors": descriptors,
+        "control": control,
     }
     print(json.dumps(scenarios[scenario](client, Path(directory)), default=str))
 
