@@ -4,7 +4,7 @@ Input of stream: JSONL, one {"session_id": "...", "values": [...], "reset": fals
 per line, or CSV, one session_id,v1,...,vE per line. A CSV file's first line is
 skipped as a header when its second field is not a number (or it has one field).
 Output: one JSON object per input line (line, session_id, and step, duplicate,
-output, or error).
+output and the model_version that answered, or error).
 
 While the server cannot be reached (or answers UNAVAILABLE), calls are retried for
 --retry-for seconds (30 for stream, 5 for the other commands), with a line on
@@ -182,6 +182,8 @@ def stream_command(client: Client, args: argparse.Namespace) -> int:
                 record["step"] = int(results.steps[k])
                 record["duplicate"] = bool(results.duplicates[k])
                 record["output"] = results.outputs[k].tolist()
+                if results.versions is not None:
+                    record["model_version"] = int(results.versions[k])
             out.write(json.dumps(record) + "\n")
             k += 1
         progress.add(k)
@@ -211,6 +213,8 @@ def session_json(session: Any) -> str:
             "session_id": session.session_id,
             "step": session.step,
             "last_seq": session.last_seq,
+            "model": session.model,
+            "model_version": session.model_version,
             "hidden": list(session.hidden),
             "cell": list(session.cell),
             # A model's other states (e.g. from an imported graph), by name.
@@ -285,6 +289,7 @@ def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
         add_option(parser, *names, default=value, shown=shown, **kwargs)
 
     option("--address", default="127.0.0.1:50051", help="the server's HOST:PORT")
+    option("--model", default="", help="the model (empty: the server's default model)")
     option("--token", help="bearer token (when the server has --auth-tokens)")
     option("--tls-ca", help="PEM CA to trust (TLS)")
     option("--tls-cert", help="PEM client certificate (mutual TLS)")
@@ -336,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name in ("get", "reset", "delete"):
         add_option(command(name, f"{name} a session"), "session_id", help="the session's id")
-    command("info", "the model the server serves")
+    command("info", "the model: sizes, states, architecture, versions")
+    command("models", "every model version the server knows, one JSON line each")
     command("health", "SERVING or not (exit 0 or 3)")
     return parser
 
@@ -364,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls_key=args.tls_key,
         retry_for=retry_for,
         on_retry=on_retry,
+        model=args.model,
     )
     try:
         if args.command == "stream":
@@ -372,6 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return health_command(client, retry_for, on_retry)
         if args.command == "info":
             print(info_json(client.model_info()))
+            return EXIT_OK
+        if args.command == "models":
+            for status in client.list_models().versions:
+                print(info_json(status))
             return EXIT_OK
         if args.command == "get":
             session = client.get_session(args.session_id)

@@ -85,6 +85,8 @@ class Results:
     duplicates: np.ndarray
     errors: list[str]
     seqs: np.ndarray
+    versions: np.ndarray | None = None
+    """The model version that computed each answer (0 where refused)."""
 
     @property
     def ok(self) -> bool:
@@ -133,10 +135,13 @@ class _Core:
         retry_for: float,
         form: str,
         on_retry: RetryHook | None = None,
+        model: str = "",
     ):
         if form not in ("columnar", "events"):
             raise ValueError("form must be 'columnar' or 'events'")
         self.form = form
+        self.model = model
+        """The model every call names ("": the server's default model)."""
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.exactly_once = exactly_once
         self.retry_for = retry_for
@@ -186,7 +191,8 @@ class _Core:
                 events=[
                     pb.Event(session_id=sid, seq=int(q), values=row.tolist(), reset=bool(r))
                     for sid, q, row, r in zip(ids, seqs, values, reset_array)
-                ]
+                ],
+                model=self.model,
             )
             return _Request(ids, values, seqs, reset_array, message)
         batch = pb.EventBatch(
@@ -195,7 +201,12 @@ class _Core:
             seqs=seqs.tolist() if self.exactly_once else [],
             resets=reset_array.tolist() if reset_array.any() else [],
         )
-        return _Request(ids, values, seqs, reset_array, pb.StepRequest(batch=batch))
+        return _Request(
+            ids, values, seqs, reset_array, pb.StepRequest(batch=batch, model=self.model)
+        )
+
+    def ref(self, session_id: str) -> pb.SessionRef:
+        return pb.SessionRef(session_id=session_id, model=self.model)
 
     def results(self, request: _Request, response: pb.StepResponse) -> Results:
         if response.code:
@@ -214,6 +225,7 @@ class _Core:
                 duplicates=np.array([r.duplicate for r in rs], np.bool_),
                 errors=[r.error for r in rs],
                 seqs=request.seqs,
+                versions=np.array([r.model_version for r in rs], np.uint64),
             )
         b = response.batch
         n = len(b.steps)
@@ -225,6 +237,7 @@ class _Core:
             duplicates=np.array(b.duplicates, np.bool_),
             errors=list(b.errors),
             seqs=request.seqs,
+            versions=np.array(b.model_versions, np.uint64) if len(b.model_versions) else None,
         )
 
 
@@ -251,6 +264,7 @@ class Client:
         window: int = 8,
         form: str = "columnar",
         on_retry: RetryHook | None = None,
+        model: str = "",
     ):
         credentials = _credentials(tls_ca, tls_cert, tls_key)
         options = [("grpc.max_receive_message_length", 64 << 20)]
@@ -260,7 +274,7 @@ class Client:
             else grpc.insecure_channel(address, options)
         )
         self.stub = pb_grpc.LstmStreamStub(self.channel)
-        self.core = _Core(token, exactly_once, retry_for, form, on_retry)
+        self.core = _Core(token, exactly_once, retry_for, form, on_retry, model)
         self.window = window
 
     def __enter__(self) -> Client:
@@ -291,7 +305,7 @@ class Client:
                 delay = min(delay * 2, 1.0)
 
     def _on(self, method: Any, session_id: str) -> pb.Session:
-        return self._call(method, pb.SessionRef(session_id=session_id), [session_id])  # type: ignore[no-any-return]
+        return self._call(method, self.core.ref(session_id), [session_id])  # type: ignore[no-any-return]
 
     def _prepare(self, ids: Sequence[str]) -> None:
         for sid in self.core.unknown(ids):
@@ -386,8 +400,13 @@ class Client:
         self.core.last_seq.pop(session_id, None)
         return self._on(self.stub.DeleteSession, session_id)
 
-    def model_info(self) -> pb.ModelInfo:
-        return self._call(self.stub.GetModelInfo, pb.ModelInfoRequest())  # type: ignore[no-any-return]
+    def model_info(self, version: int = 0) -> pb.ModelInfo:
+        message = pb.ModelInfoRequest(model=self.core.model, version=version)
+        return self._call(self.stub.GetModelInfo, message)  # type: ignore[no-any-return]
+
+    def list_models(self) -> pb.ModelList:
+        """Every model version the server knows, with its state."""
+        return self._call(self.stub.ListModels, pb.ListModelsRequest())  # type: ignore[no-any-return]
 
     def health(self) -> str:
         """SERVING, NOT_SERVING, or the error that prevented asking."""
@@ -415,6 +434,7 @@ class AsyncClient:
         window: int = 8,
         form: str = "columnar",
         on_retry: RetryHook | None = None,
+        model: str = "",
     ):
         credentials = _credentials(tls_ca, tls_cert, tls_key)
         options = [("grpc.max_receive_message_length", 64 << 20)]
@@ -424,7 +444,7 @@ class AsyncClient:
             else grpc.aio.insecure_channel(address, options)
         )
         self.stub = pb_grpc.LstmStreamStub(self.channel)
-        self.core = _Core(token, exactly_once, retry_for, form, on_retry)
+        self.core = _Core(token, exactly_once, retry_for, form, on_retry, model)
         self.window = window
 
     async def __aenter__(self) -> AsyncClient:
@@ -454,7 +474,7 @@ class AsyncClient:
                 delay = min(delay * 2, 1.0)
 
     async def _on(self, method: Any, session_id: str) -> pb.Session:
-        return await self._call(method, pb.SessionRef(session_id=session_id), [session_id])  # type: ignore[no-any-return]
+        return await self._call(method, self.core.ref(session_id), [session_id])  # type: ignore[no-any-return]
 
     async def _prepare(self, ids: Sequence[str]) -> None:
         unknown = self.core.unknown(ids)
@@ -558,8 +578,13 @@ class AsyncClient:
         self.core.last_seq.pop(session_id, None)
         return await self._on(self.stub.DeleteSession, session_id)
 
-    async def model_info(self) -> pb.ModelInfo:
-        return await self._call(self.stub.GetModelInfo, pb.ModelInfoRequest())  # type: ignore[no-any-return]
+    async def model_info(self, version: int = 0) -> pb.ModelInfo:
+        message = pb.ModelInfoRequest(model=self.core.model, version=version)
+        return await self._call(self.stub.GetModelInfo, message)  # type: ignore[no-any-return]
+
+    async def list_models(self) -> pb.ModelList:
+        """Every model version the server knows, with its state."""
+        return await self._call(self.stub.ListModels, pb.ListModelsRequest())  # type: ignore[no-any-return]
 
     async def health(self) -> str:
         """SERVING, NOT_SERVING, or the error that prevented asking."""

@@ -65,14 +65,14 @@ def test_promtool_checks_config_and_rules() -> None:
     ):
         done = promtool(*args)
         assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 6 rules found" in promtool("check", "rules", "alerts.yml").stdout
+    assert "SUCCESS: 8 rules found" in promtool("check", "rules", "alerts.yml").stdout
 
 
 def test_every_alert_has_a_unit_test() -> None:
     rules = (PROMETHEUS_DIR / "alerts.yml").read_text()
     tests = (PROMETHEUS_DIR / "alerts_test.yml").read_text()
     names = [line.split(":", 1)[1].strip() for line in rules.splitlines() if "- alert:" in line]
-    assert len(names) == 6
+    assert len(names) == 8
     for name in names:
         assert f"alertname: {name}" in tests, name
 
@@ -186,6 +186,8 @@ async def test_prometheus_scrapes_and_every_dashboard_query_has_data(
         "LstmStreamSessionsNearCap",
         "LstmStreamStoreFailing",
         "LstmStreamStoreConflicts",
+        "LstmStreamModelLoadFailed",
+        "LstmStreamVersionDrainingLong",
     ]
     assert all(r["health"] == "ok" for r in rules[0]["rules"]), rules
 

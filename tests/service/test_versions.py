@@ -338,3 +338,42 @@ async def test_migrate_session_moves_one_session_now(
                 pb.StepRequest(model_version=1, events=[pb.Event(session_id="b", values=x[3])])
             )
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_lstm_client_names_the_model_and_lists_versions(
+    tmp_path: Path, start_server: ServerFactory
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    repo = repository(tmp_path / "repo", "m")
+    (repo / "other").mkdir()
+    add_version(repo, "other", 3)
+    server = await start_server(model_repository=str(repo))
+    address = f"127.0.0.1:{server.port}"
+
+    def client(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "lstm_stream.cli", "--address", address, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    listed = await asyncio.to_thread(client, "models")
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["model"], r["version"], r["state"]) for r in rows] == [
+        ("m", 1, "READY"),
+        ("other", 3, "READY"),
+    ]
+    line = json.dumps({"session_id": "a", "values": [0.5] * E}) + "\n"
+    streamed = await asyncio.to_thread(client, "stream", "--model", "other", stdin=line)
+    assert streamed.returncode == 0, streamed.stderr
+    assert json.loads(streamed.stdout)["model_version"] == 3
+    got = await asyncio.to_thread(client, "get", "a", "--model", "other")
+    assert json.loads(got.stdout)["model"] == "other"
+    missing = await asyncio.to_thread(client, "get", "a", "--model", "m")
+    assert missing.returncode == 3 and "no session 'a'" in missing.stderr
