@@ -91,7 +91,10 @@ $(EXAMPLE_STAMP):
 	$(EXAMPLE_VENV)/bin/pip install -q torch==2.13.0 safetensors numpy statsmodels==0.15.0
 	touch $(EXAMPLE_STAMP)
 
-.PHONY: example-train
+.PHONY: example example-train
+example: $(STAMP) ## the trained forecaster end to end: export, serve, stream, upgrade mid-stream; draws examples/fertility/forecast.png
+	$(BIN)/python examples/fertility/serve.py
+
 example-train: $(EXAMPLE_STAMP) ## retrain examples/fertility's two versions (own venv .venv-example with torch, CPU)
 	$(EXAMPLE_VENV)/bin/python examples/fertility/train.py
 
