@@ -79,6 +79,8 @@ class DataPlane:
         self._engine: Engine | None = None
         self._registry: Registry | None = None
         self._closed = False
+        self._routes: dict[str, int] = {}
+        self._routes_of = -1
 
     def attach(self, engine: Engine, registry: Registry) -> None:
         """Start answering."""
@@ -117,6 +119,18 @@ class DataPlane:
     def model(self, name: str = "") -> ServedModel:
         """The model a call names ("": the default); UnknownModel when none such serves."""
         return self.registry.resolve(name)
+
+    def event_size(self, name: str = "") -> int:
+        """Values per event of a model (every version of it takes as many), cached per
+        name until the engine's lanes change: asked once per request."""
+        engine = self.engine
+        if self._routes_of != engine.generation:
+            self._routes.clear()
+            self._routes_of = engine.generation
+        size = self._routes.get(name)
+        if size is None:
+            size = self._routes[name] = self.spec(name).event_size
+        return size
 
     def spec(self, name: str = "", version: int = 0) -> ModelSpec:
         """A model version's step contract (version 0: the newest ready one)."""

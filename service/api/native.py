@@ -86,7 +86,7 @@ class LstmStreamServicer:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "a StepRequest carries either events or batch, not both",
             )
-        event_size = self.plane.spec(request.model).event_size
+        event_size = self.plane.event_size(request.model)
         block = (
             self._decode_batch(request.batch, event_size)
             if columnar

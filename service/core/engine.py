@@ -67,6 +67,8 @@ class Engine:
         self.models: dict[str, ServedModel] = {}
         self.admissions: dict[str, Admission] = {}
         self._lanes: list[Lane] = []
+        self.generation = 0
+        """Counts changes of the lanes (a version loaded, retired or dropped)."""
         self._inbox: list[Job] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -93,8 +95,9 @@ class Engine:
         self.lanes_changed()
 
     def lanes_changed(self) -> None:
-        """A lane was added or dropped: the run loop's list follows."""
+        """A lane was added, retired or dropped: the run loop's list follows."""
         self._lanes = [lane for model in self.models.values() for lane in model.by_age]
+        self.generation += 1
 
     async def run_batch(
         self, lane: Lane, values: np.ndarray, states: list[np.ndarray]

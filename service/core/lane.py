@@ -36,6 +36,7 @@ class Lane:
         self.info_labels: tuple[str, ...] = ()
         """This version's ``lstm_model_info`` labels (removed when it unloads)."""
         self._ran = asyncio.Event()
+        self._watched = False
 
     def __repr__(self) -> str:
         return f"Lane({self.model!r}, {self.version})"
@@ -65,8 +66,10 @@ class Lane:
 
     def after_run(self) -> None:
         """Wake whoever waits for this lane's rows to settle."""
-        ran, self._ran = self._ran, asyncio.Event()
-        ran.set()
+        if self._watched:
+            self._watched = False
+            ran, self._ran = self._ran, asyncio.Event()
+            ran.set()
 
     async def settled(self, session_ids: list[str]) -> None:
         """Wait until none of these sessions has an event pending here."""
@@ -76,4 +79,5 @@ class Lane:
             slots = slots[slots >= 0]
             if not slots.size or not table.busy(slots):
                 return
+            self._watched = True
             await self._ran.wait()
