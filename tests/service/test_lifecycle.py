@@ -248,3 +248,23 @@ async def test_make_run_serves() -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
+
+
+def test_a_port_in_use_is_one_clear_line_and_exit_1() -> None:
+    """Another process has the port: no traceback, the address, the flag to change."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        base = [sys.executable, "-m", "service", "--device", DEVICE, "--log-format", "text"]
+        for flags, words in (
+            (["--port", str(port), "--metrics-port", "0"], ["gRPC", "--port"]),
+            (["--port", "0", "--metrics-port", str(port)], ["metrics", "--metrics-port"]),
+        ):
+            done = subprocess.run([*base, *flags], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1, done.stderr
+            assert "Traceback" not in done.stderr
+            [line] = [ln for ln in done.stderr.splitlines() if ln.startswith("lstm-serve:")]
+            assert f"127.0.0.1:{port}" in line and all(w in line for w in words), line
