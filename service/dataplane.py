@@ -79,7 +79,7 @@ class DataPlane:
         self._engine: Engine | None = None
         self._registry: Registry | None = None
         self._closed = False
-        self._routes: dict[str, int] = {}
+        self._routes: dict[str, tuple[ServedModel, int]] = {}
         self._routes_of = -1
 
     def attach(self, engine: Engine, registry: Registry) -> None:
@@ -120,17 +120,25 @@ class DataPlane:
         """The model a call names ("": the default); UnknownModel when none such serves."""
         return self.registry.resolve(name)
 
-    def event_size(self, name: str = "") -> int:
-        """Values per event of a model (every version of it takes as many), cached per
-        name until the engine's lanes change: asked once per request."""
-        engine = self.engine
+    def _route(self, name: str) -> tuple[ServedModel, int]:
+        """The model a request names and its event size (every version takes as many),
+        cached per name until the engine's lanes change: looked up once per request."""
+        engine = self._engine
+        if engine is None:
+            raise NotReady("the model is still loading")
         if self._routes_of != engine.generation:
             self._routes.clear()
             self._routes_of = engine.generation
-        size = self._routes.get(name)
-        if size is None:
-            size = self._routes[name] = self.spec(name).event_size
-        return size
+        route = self._routes.get(name)
+        if route is None or route[0].closed:
+            served = self.registry.resolve(name)
+            lane = served.newest or served.by_age[0]
+            route = self._routes[name] = (served, lane.spec.event_size)
+        return route
+
+    def event_size(self, name: str = "") -> int:
+        """Values per event of a model."""
+        return self._route(name)[1]
 
     def spec(self, name: str = "", version: int = 0) -> ModelSpec:
         """A model version's step contract (version 0: the newest ready one)."""
@@ -151,10 +159,9 @@ class DataPlane:
         version: int = 0,
     ) -> Job:
         """Queue a request's events (ids as the tenant sent them); ``job.future`` answers."""
+        served = self._route(model)[0]
         engine = self._engine
-        if engine is None:
-            raise NotReady("the model is still loading")
-        served = self.registry.resolve(model)
+        assert engine is not None
         if version and version not in served.lanes:
             raise UnknownModel(f"model {served.name!r} has no version {version} loaded")
         if tenant:

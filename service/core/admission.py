@@ -102,7 +102,7 @@ class Admission:
             slots = lanes[0].table.lookup(ids)
         else:
             lane_of, slots = _route(lanes, ids)
-        held = np.zeros(0, np.int64)  # events parked behind a move
+        held = _NONE  # events parked behind a move
         if model.moving:
             moving = model.moving
             held = np.flatnonzero([sid in moving for sid in ids] & (codes == 0))
@@ -443,6 +443,9 @@ class Admission:
         values, counts = np.unique(codes[codes != 0], return_counts=True)
         for code, count in zip(values.tolist(), counts.tolist()):
             self.metrics.count_events(OUTCOME[Code(code)], count)
+
+
+_NONE = np.zeros(0, np.int64)
 
 
 def _route(lanes: list[Lane], ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

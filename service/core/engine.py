@@ -157,9 +157,13 @@ class Engine:
 
     def _admit(self) -> None:
         jobs, self._inbox = self._inbox, []
-        groups: dict[str, list[Job]] = {}
-        for job in jobs:
-            groups.setdefault(job.model, []).append(job)
+        groups: dict[str, list[Job]]
+        if len(self.admissions) == 1:  # one model: every job is for it (submit checked)
+            groups = {jobs[0].model: jobs}
+        else:
+            groups = {}
+            for job in jobs:
+                groups.setdefault(job.model, []).append(job)
         for name, group in groups.items():
             admission = self.admissions.get(name)
             if admission is None or not admission.model.lanes:

@@ -28,6 +28,8 @@ class Lane:
         self.version = version
         self.runtime = runtime
         self.cache = cache
+        self.table: SessionTable = cache.table
+        self.spec: ModelSpec = runtime.spec
         self.metrics = metrics if metrics is not None else cache.metrics.lane(model, version)
         self.pool = Pool(runtime.spec.event_size)
         self.retiring: str | None = None
@@ -40,14 +42,6 @@ class Lane:
 
     def __repr__(self) -> str:
         return f"Lane({self.model!r}, {self.version})"
-
-    @property
-    def table(self) -> SessionTable:
-        return self.cache.table
-
-    @property
-    def spec(self) -> ModelSpec:
-        return self.runtime.spec
 
     @property
     def layout(self) -> StoreLayout:

@@ -91,7 +91,8 @@ class StepPlan:
         now: float,
     ) -> None:
         table.scatter(self.run_slots, states, output, step, last_seq, now)
-        table.record(self.run_slots, self.values, self.run_resets)
+        if table.kept_events:
+            table.record(self.run_slots, self.values, self.run_resets)
 
     def requeue(self, pool: Pool, stale: np.ndarray) -> None:
         """Put the events of ``stale`` (positions in ``run_slots``) back first in the pool,
