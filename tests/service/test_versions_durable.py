@@ -117,8 +117,7 @@ async def test_sigkill_during_an_upgrade_keeps_every_session_on_its_version(
                 ]
                 found = [states_for(x[s, : got.step], v, params) for v in options]
                 gaps = [
-                    max(np.abs(h - got.hidden).max(), np.abs(c - got.cell).max())
-                    for h, c in found
+                    max(np.abs(h - got.hidden).max(), np.abs(c - got.cell).max()) for h, c in found
                 ]
                 assert min(gaps) <= 1e-5, (s, seen[-3:], got.step, got.model_version, gaps)
             # Every session goes on, on version 2 (carry), from its stored state.
