@@ -266,10 +266,11 @@ class DataPlane:
         """Every model version the server knows, with its state."""
         return self.registry.index()
 
-    def live_sessions(self, model: str, version: int) -> int:
+    def live_sessions(self, tenant: str, model: str, version: int) -> int:
+        """A version's sessions in memory (with tenants: the tenant's own)."""
         served = self.engine.models.get(model)
         lane = served.lanes.get(version) if served is not None else None
-        return len(lane.table) if lane is not None else 0
+        return lane.table.tenant_count(tenant) if lane is not None else 0
 
     @property
     def default_model(self) -> str:

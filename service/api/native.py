@@ -346,7 +346,7 @@ class LstmStreamServicer:
                     version=s.version,
                     state=s.state,
                     reason=s.reason,
-                    live_sessions=self.plane.live_sessions(s.model, s.version),
+                    live_sessions=self.plane.live_sessions(tenant, s.model, s.version),
                     newest=newest.get(s.model) == s.version,
                 )
                 for s in statuses
