@@ -434,6 +434,22 @@ class Registry:
                 task.add_done_callback(self._tasks.discard)
         model.closed = True
 
+    async def expire_stored(self, ttl: float) -> int:
+        """Delete sessions idle longer than ``ttl`` seconds from the store, and from memory."""
+        cutoff = time.time() - ttl
+        try:
+            n = await self.access.write(self.access.store.expire, cutoff)
+        except StoreUnavailable:
+            return 0  # tried again at the next period; the probe reports recovery
+        for lane in self.engine.lanes:
+            async with lane.cache.lock:
+                # Write-through keeps ``updated`` equal in both places: the same sessions.
+                lane.cache.evict_idle_before(cutoff)
+        if n:
+            self.metrics.evictions.labels("store_ttl").inc(n)
+            log.info("expired %d sessions from the state store (store ttl %.0fs)", n, ttl)
+        return n
+
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()

@@ -322,11 +322,11 @@ class Server:
                     await lane.cache.evict_idle(ttl)
 
     async def _expire_loop(self, ttl: float) -> None:
-        assert self.engine is not None
+        assert self.registry is not None
         period = min(max(ttl / 4, 0.05), 60.0)
         while True:
             await asyncio.sleep(period)
-            await self.engine.expire_stored(ttl)
+            await self.registry.expire_stored(ttl)
 
 
 def _bracket(host: str) -> str:

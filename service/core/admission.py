@@ -17,13 +17,11 @@ import numpy as np
 
 from service.core.lane import Lane
 from service.core.model import ServedModel
-from service.core.pool import Events, Pool, select
+from service.core.newids import new_ids, valid_ids, within_caps
+from service.core.parking import Parking
 from service.core.results import Intake, Intakes
-from service.core.types import NOT_FINITE, OUTCOME, STORE_FAILED, Code, Failure, Job
+from service.core.types import NOT_FINITE, OUTCOME, Code, Failure, Job
 from service.metrics import Metrics
-from service.state.keys import tenant_of
-from service.state.table import SessionTable, session_id_error
-from service.store.base import StoredRows
 
 
 class Admission:
@@ -36,17 +34,7 @@ class Admission:
         self.intakes = intakes
         self.metrics = metrics
         self.max_session_id_bytes = max_session_id_bytes
-        self.parked: Pool | None = None
-        """Events waiting for their sessions to be read from the store or moved (slots -1)."""
-        self._parked_ids: list[str] = []
-        self._parked_versions: list[int] = []
-        self._cold: set[str] = set()
-        """Ids being read from the store."""
-
-    @property
-    def waiting(self) -> int:
-        """Parked events."""
-        return len(self.parked) if self.parked is not None else 0
+        self.parking = Parking(model, intakes, metrics)
 
     def admit(self, jobs: list[Job]) -> list[str]:
         """Refuse or place every event of ``jobs``; the ids to read from the store now.
@@ -152,7 +140,9 @@ class Admission:
         if not waiting.size:
             return []
         versions = [jobs[j].version for j in job_of[waiting].tolist()]
-        return self._park(waiting, [ids[i] for i in waiting.tolist()], versions, columns, key)
+        return self.parking.park(
+            waiting, [ids[i] for i in waiting.tolist()], versions, columns, key
+        )
 
     def _place(
         self,
@@ -207,167 +197,6 @@ class Admission:
                 )
                 refused = True
         return refused
-
-    # -- sessions read from the store or moving ------------------------------------------
-
-    def _park(
-        self,
-        rows: np.ndarray,
-        ids: list[str],
-        versions: list[int],
-        columns: dict[str, np.ndarray],
-        key: int,
-        by_position: bool = True,
-    ) -> list[str]:
-        """Park the events at ``rows`` of intake ``key``; the ids among them to read from the
-        store now. ``columns`` are the intake's (``by_position``) or already those events'."""
-        if self.parked is None:
-            self.parked = Pool(columns["values"].shape[1])
-
-        def at(name: str) -> np.ndarray:
-            return columns[name][rows] if by_position else columns[name]
-
-        self.parked.extend(
-            slots=np.full(rows.size, -1, np.int64),
-            values=at("values"),
-            seqs=at("seqs"),
-            resets=at("resets"),
-            t0=at("t0"),
-            intake=np.full(rows.size, key, np.int64),
-            row=rows,
-            job=at("job"),
-        )
-        self._parked_ids += ids
-        self._parked_versions += versions
-        moving = self.model.moving
-        new = [sid for sid in dict.fromkeys(ids) if sid not in self._cold and sid not in moving]
-        self._cold.update(new)
-        return new
-
-    def repark(self, events: Events, ids: list[str]) -> list[str]:
-        """Park pending events again (their sessions must be read anew); the ids to read."""
-        if not ids:
-            return []
-        versions = [
-            self.intakes.version_asked(key, job)
-            for key, job in zip(events["intake"].tolist(), events["job"].tolist())
-        ]
-        columns = {name: events[name] for name in ("values", "seqs", "resets", "t0", "job")}
-        # Each event keeps its own intake and row: park them one intake at a time.
-        out: list[str] = []
-        for key in dict.fromkeys(events["intake"].tolist()):
-            mine = np.flatnonzero(events["intake"] == key)
-            cols = {name: column[mine] for name, column in columns.items()}
-            out += self._park(
-                events["row"][mine],
-                [ids[i] for i in mine.tolist()],
-                [versions[i] for i in mine.tolist()],
-                cols,
-                key,
-                by_position=False,
-            )
-        return out
-
-    def requested(self, session_ids: Sequence[str]) -> dict[str, int]:
-        """The version each parked session's first event asks for (0: any)."""
-        wanted = set(session_ids)
-        out: dict[str, int] = {}
-        for sid, version in zip(self._parked_ids, self._parked_versions):
-            if sid in wanted and sid not in out:
-                out[sid] = version
-        return out
-
-    def create_loaded(
-        self, session_ids: Sequence[str], placed: list[tuple[Lane, StoredRows]]
-    ) -> dict[str, Failure]:
-        """Rows for sessions just read from the store (claimed meanwhile): the found ones from
-        their stored rows, in the lanes ``placed`` says; the others new, on the version their
-        first event asks for. Returns the refused ones' answers (caps, versions)."""
-        model = self.model
-        found = {sid: (lane, rows) for lane, rows in placed for sid in rows.session_ids}
-        asked = self.requested(session_ids)
-        refused: dict[str, Failure] = {}
-        target: dict[str, Lane] = {}
-        for sid in dict.fromkeys(session_ids):
-            if sid in found:
-                target[sid] = found[sid][0]
-                continue
-            try:
-                target[sid] = model.lane(asked.get(sid, 0))
-            except LookupError as exc:
-                refused[sid] = (Code.NOT_FOUND, str(exc))
-        table = model.by_age[0].table
-        distinct = within_caps(table, [sid for sid in target if sid not in refused], refused)
-        by_lane: dict[int, list[str]] = {}
-        for sid in distinct:
-            by_lane.setdefault(target[sid].version, []).append(sid)
-        now = time.time()
-        for version, ids in by_lane.items():
-            model.lanes[version].table.create_many(ids, now)
-        for lane, rows in placed:
-            # Stored sessions refused over a cap have no row and stay in the store.
-            lane.cache.restore(rows, lane.layout)
-        self._cold.difference_update(session_ids)
-        return refused
-
-    def release(self, session_ids: Sequence[str], refused: dict[str, Failure]) -> None:
-        """Place the parked events of ``session_ids`` in their sessions' lanes now; the events
-        of sessions without a row get their answer from ``refused`` (else UNAVAILABLE)."""
-        if self.parked is None or not self._parked_ids:
-            return
-        wanted = set(session_ids)
-        mine = np.fromiter(
-            (sid in wanted for sid in self._parked_ids), np.bool_, len(self._parked_ids)
-        )
-        if not mine.any():
-            return
-        events = self.parked.take(np.flatnonzero(mine))
-        flags = mine.tolist()
-        event_ids = [sid for sid, m in zip(self._parked_ids, flags) if m]
-        asked = [v for v, m in zip(self._parked_versions, flags) if m]
-        self._parked_ids = [sid for sid, m in zip(self._parked_ids, flags) if not m]
-        self._parked_versions = [v for v, m in zip(self._parked_versions, flags) if not m]
-        model = self.model
-        where = [model.resident(sid) for sid in event_ids]
-        failures: dict[Failure, list[int]] = {}
-        by_lane: dict[int, list[int]] = {}
-        for i, (sid, found, version) in enumerate(zip(event_ids, where, asked)):
-            if found is None:
-                failure = refused.get(sid, (Code.UNAVAILABLE, STORE_FAILED))
-                failures.setdefault(failure, []).append(i)
-            elif version and version != found[0].version:
-                failure = (
-                    Code.FAILED_PRECONDITION,
-                    f"the session runs on version {found[0].version} of {model.name!r}, "
-                    f"not {version} (MigrateSession moves it)",
-                )
-                failures.setdefault(failure, []).append(i)
-            else:
-                by_lane.setdefault(found[0].version, []).append(i)
-        for failure, at in failures.items():
-            self._fail(select(events, np.array(at, np.int64)), failure)
-        for version, at in by_lane.items():
-            lane = model.lanes[version]
-            chosen = select(events, np.array(at, np.int64))
-            chosen["slots"] = np.array([where[i][1] for i in at], np.int64)  # type: ignore[index]
-            lane.pool.extend(**chosen)
-            lane.table.hold(chosen["slots"])
-
-    def fail_parked(self, session_ids: Sequence[str], failure: Failure) -> None:
-        self._cold.difference_update(session_ids)
-        self.release(session_ids, dict.fromkeys(session_ids, failure))
-
-    def _fail(self, events: Events, failure: Failure) -> None:
-        self.metrics.count_events(OUTCOME[failure[0]], int(events["slots"].size))
-        self.intakes.fail(events, *failure)
-
-    def drop_parked(self) -> None:
-        """Forget parked events (their requests are being failed as a whole)."""
-        if self.parked is not None:
-            self.parked.take_all()
-        self._parked_ids = []
-        self._parked_versions = []
-        self._cold.clear()
 
     # -- new sessions ----------------------------------------------------------------
 
@@ -478,66 +307,6 @@ def _steps(
         if mine.any():
             out[mine] = lane.table.steps(slots[at[mine]])
     return out
-
-
-def within_caps(table: SessionTable, distinct: list[str], refused: dict[str, Failure]) -> list[str]:
-    """``distinct`` without the new ids over their tenant's cap or the server's."""
-    if table.max_per_tenant and distinct:
-        distinct = _tenant_room(table, distinct, refused)
-    room = table.room()
-    if len(distinct) > room:  # the earliest new sessions fit; the rest are refused
-        full = (
-            Code.RESOURCE_EXHAUSTED,
-            f"the server holds its maximum of {table.max_sessions} sessions",
-        )
-        for sid in distinct[room:]:
-            refused[sid] = full
-        distinct = distinct[:room]
-    return distinct
-
-
-def _tenant_room(
-    table: SessionTable, distinct: list[str], refused: dict[str, Failure]
-) -> list[str]:
-    """``distinct`` without the new ids over their tenant's cap (added to ``refused``)."""
-    full = (
-        Code.RESOURCE_EXHAUSTED,
-        f"this tenant holds its maximum of {table.max_per_tenant} sessions",
-    )
-    room: dict[str, int] = {}
-    kept = []
-    for sid in distinct:
-        tenant = tenant_of(sid)
-        left = room.get(tenant)
-        if left is None:
-            left = table.tenant_room(tenant)
-        if left > 0:
-            kept.append(sid)
-        else:
-            refused[sid] = full
-        room[tenant] = left - 1
-    return kept
-
-
-def new_ids(
-    ids: Sequence[str], unknown: np.ndarray, codes: np.ndarray
-) -> tuple[np.ndarray, list[str], list[str]]:
-    """Rows of unknown ids not yet refused, their ids, and those ids once each."""
-    row_array = unknown[codes[unknown] == 0]
-    new = [ids[i] for i in row_array.tolist()]
-    return row_array, new, list(dict.fromkeys(new))  # first appearance order, at C speed
-
-
-def valid_ids(distinct: list[str], limit: int, refused: dict[str, Failure]) -> list[str]:
-    """``distinct`` without the ids that are empty or too long (added to ``refused``)."""
-    lengths = list(map(len, distinct))
-    if lengths and min(lengths) > 0 and 4 * max(lengths) <= limit:
-        return distinct  # UTF-8 has at most 4 bytes a character: every id fits
-    for sid in distinct:
-        problem = session_id_error(sid, limit)
-        if problem is not None:
-            refused[sid] = (Code.INVALID_ARGUMENT, problem)
-    return [sid for sid in distinct if sid not in refused]
 
 
 def _column(parts: list[np.ndarray | None], counts: list[int], dtype: type) -> np.ndarray:

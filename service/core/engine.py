@@ -39,7 +39,6 @@ from service.core.types import (
     UnknownModel,
 )
 from service.metrics import Metrics
-from service.runtime import Runtime
 from service.state.cache import StoreAccess, StoreUnavailable
 from service.worker import Worker
 
@@ -186,21 +185,8 @@ class Engine:
 
         Off the run loop: warm sessions keep being answered meanwhile.
         """
-        model = admission.model
         try:
-            async with model.claims.claim(session_ids):
-                lane = model.newest or model.by_age[0]
-                try:
-                    found = await lane.cache.load(session_ids)
-                except StoreUnavailable:
-                    admission.fail_parked(session_ids, (Code.UNAVAILABLE, STORE_FAILED))
-                    return
-                placed = await model.place(found, admission.requested(session_ids))
-                refused = admission.create_loaded(session_ids, placed)
-                admission.release(session_ids, refused)
-        except Exception:
-            log.exception("restoring sessions failed")
-            admission.fail_parked(session_ids, (Code.INTERNAL, INTERNAL_ERROR))
+            await admission.parking.restore(session_ids)
         finally:
             self._wake.set()
 
@@ -214,11 +200,11 @@ class Engine:
         persist: bool = False,
     ) -> list[str]:
         """Move sessions between versions; their events that waited meanwhile run after."""
-        admission = self.admissions[model.name]
         try:
-            return await model.move(session_ids, source, target, mode, persist)
+            return await self.admissions[model.name].parking.move(
+                session_ids, source, target, mode, persist
+            )
         finally:
-            admission.release(session_ids, {})
             self._wake.set()
 
     # -- the run loop --------------------------------------------------------------
@@ -231,7 +217,7 @@ class Engine:
             if lane is None:
                 if self._inbox:
                     continue
-                if not any(a.waiting for a in self.admissions.values()):
+                if not any(a.parking.waiting for a in self.admissions.values()):
                     self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
@@ -313,15 +299,7 @@ class Engine:
         """Another replica moved these sessions to another version: drop them here and read
         them again (their requeued events wait for it)."""
         admission = self.admissions[lane.model]
-        pool = lane.pool
-        slots = lane.table.lookup(session_ids)
-        events = pool.take(np.flatnonzero(np.isin(pool.slots, slots)))
-        ids = lane.table.ids_of(events["slots"])
-        for slot in events["slots"].tolist():  # a slot may repeat: one each
-            lane.table.finish(np.array([slot]))
-        for sid in session_ids:
-            lane.table.remove(sid)
-        cold = admission.repark(events, ids)
+        cold = admission.parking.reread(lane, session_ids)
         if cold:
             self.spawn(self._restore(admission, cold), "restore")
 
@@ -367,32 +345,9 @@ class Engine:
             lane.table.finish(slots)
             self._running = None
         for admission in self.admissions.values():
-            admission.drop_parked()
+            admission.parking.drop_parked()
         self.intakes.fail_all(INTERNAL_ERROR)
-
-    # -- housekeeping ----------------------------------------------------------------------
-
-    async def expire_stored(self, ttl: float) -> int:
-        """Delete sessions idle longer than ``ttl`` seconds from the store, and from memory."""
-        cutoff = time.time() - ttl
-        try:
-            n = await self.store.write(self.store.store.expire, cutoff)
-        except StoreUnavailable:
-            return 0  # tried again at the next period; the probe reports recovery
-        for lane in self._lanes:
-            async with lane.cache.lock:
-                # Write-through keeps ``updated`` equal in both places: the same sessions.
-                lane.cache.evict_idle_before(cutoff)
-        if n:
-            self.metrics.evictions.labels("store_ttl").inc(n)
-            log.info("expired %d sessions from the state store (store ttl %.0fs)", n, ttl)
-        return n
 
     @property
     def lanes(self) -> list[Lane]:
         return self._lanes
-
-    def runtime_of(self, model: str) -> Runtime:
-        served = self.models[model]
-        lane = served.newest or served.by_age[0]
-        return lane.runtime

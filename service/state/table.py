@@ -14,6 +14,7 @@ from itertools import repeat
 
 import numpy as np
 
+from service.state.kept import KeptEvents
 from service.state.keys import tenant_of
 from service.store.base import StoredRows, StoreLayout
 
@@ -106,10 +107,7 @@ class SessionTable:
         """This table's live sessions per tenant (the caps count ``limits.tenant_live``)."""
         self.kept_events = kept_events
         """Each row keeps its last this-many events (to replay them on a new version)."""
-        self.event_size = event_size
-        self.kept = np.zeros((0, kept_events, event_size), np.float32)
-        self.kept_head = np.zeros(0, np.int32)
-        self.kept_n = np.zeros(0, np.int32)
+        self.kept = KeptEvents(kept_events, event_size) if kept_events else None
         self.index: dict[str, int] = {}
         self.ids = np.empty(0, object)
         """Each row's session id (None for a free row)."""
@@ -184,9 +182,8 @@ class SessionTable:
         self.last_seq[slots] = 0
         self.created[slots] = now
         self.updated[slots] = now
-        if self.kept_events:
-            self.kept_n[slots] = 0
-            self.kept_head[slots] = 0
+        if self.kept is not None:
+            self.kept.clear(slots)
         column = np.empty(n, object)
         column[:] = session_ids
         self.ids[slots] = column
@@ -216,11 +213,11 @@ class SessionTable:
         if self.output_alias is None:
             self.output[slots] = output
         kept = layout.kept(blob)
-        if self.kept_events:
+        if self.kept is not None:
             if kept is not None and layout.replay_events == self.kept_events:
-                self._unpack_kept(slots, kept)
+                self.kept.load(slots, kept)
             else:
-                self.kept_n[slots] = 0
+                self.kept.clear(slots)
         self.step[slots] = step
         self.last_seq[slots] = last_seq
         self.created[slots] = created
@@ -242,64 +239,25 @@ class SessionTable:
     # -- the events each row keeps (for replay) --------------------------------------
 
     def record(self, slots: np.ndarray, values: np.ndarray, resets: np.ndarray | None) -> None:
-        """Keep a run's events (distinct slots); a reset starts a row's kept events over."""
-        if not self.kept_events:
-            return
-        if resets is not None and resets.any():
-            self.kept_n[slots[resets]] = 0
-        head = self.kept_head[slots]
-        self.kept[slots, head] = values
-        self.kept_head[slots] = (head + 1) % self.kept_events
-        self.kept_n[slots] = np.minimum(self.kept_n[slots] + 1, self.kept_events)
+        """Keep a run's events (distinct slots; see ``KeptEvents``)."""
+        if self.kept is not None:
+            self.kept.record(slots, values, resets)
 
     def kept_after(
         self, slots: np.ndarray, values: np.ndarray, resets: np.ndarray | None
     ) -> np.ndarray | None:
-        """``kept_of`` as it will be once ``record`` has kept these events (nothing changes)."""
-        if not self.kept_events:
-            return None
-        out = self.kept_of(slots)
-        assert out is not None
-        n, k, e = slots.size, self.kept_events, self.event_size
-        count = self.kept_n[slots].copy()
-        if resets is not None:
-            count[resets] = 0
-        head = self.kept_head[slots]
-        ring = out[:, :-2].reshape(n, k, e)
-        ring[np.arange(n), head] = values
-        out[:, -2] = (head + 1) % k
-        out[:, -1] = np.minimum(count + 1, k)
-        return out
+        """The rows' kept events as they will be once ``record`` keeps these (None: none)."""
+        return None if self.kept is None else self.kept.after(slots, values, resets)
 
     def kept_of(self, slots: np.ndarray) -> np.ndarray | None:
-        """The rows' kept events as the store keeps them: ``[n, K * E + 2]`` (the events in
-        ring order, then the ring's head and the count), or None without replay."""
-        if not self.kept_events:
-            return None
-        n = slots.size
-        out = np.empty((n, self.kept_events * self.event_size + 2), np.float32)
-        out[:, :-2] = self.kept[slots].reshape(n, -1)
-        out[:, -2] = self.kept_head[slots]
-        out[:, -1] = self.kept_n[slots]
-        return out
-
-    def _unpack_kept(self, slots: np.ndarray, kept: np.ndarray) -> None:
-        n = slots.size
-        self.kept[slots] = kept[:, :-2].reshape(n, self.kept_events, self.event_size)
-        self.kept_head[slots] = kept[:, -2].astype(np.int32)
-        self.kept_n[slots] = kept[:, -1].astype(np.int32)
-
-    def kept_events_of(self, slot: int) -> np.ndarray:
-        """One row's kept events, oldest first: ``[n, E]``."""
-        n = int(self.kept_n[slot])
-        at = (int(self.kept_head[slot]) - n + np.arange(n)) % self.kept_events
-        return self.kept[slot, at].copy()
+        """The rows' kept events as the store keeps them (None without replay)."""
+        return None if self.kept is None else self.kept.of(slots)
 
     def reset(self, slot: int, now: float | None = None) -> None:
         """Zero the state of a row (a new sequence: its kept events too); counters are kept."""
         self._zero(slot)
-        if self.kept_events:
-            self.kept_n[slot] = 0
+        if self.kept is not None:
+            self.kept.clear(slot)
         if now is not None:
             self.updated[slot] = now
 
@@ -311,8 +269,8 @@ class SessionTable:
             table[slot] = 0.0 if value is None else value
         if self.output_alias is None:
             self.output[slot] = 0.0
-        if self.kept_events:
-            self.kept_n[slot] = 0
+        if self.kept is not None:
+            self.kept.clear(slot)
         self.step[slot] = step
         self.last_seq[slot] = last_seq
         self.updated[slot] = now
@@ -471,10 +429,8 @@ class SessionTable:
         self.updated = grown(self.updated, np.inf)
         self.pending = grown(self.pending)
         self.doomed = grown(self.doomed)
-        if self.kept_events:
-            self.kept = grown(self.kept)
-            self.kept_head = grown(self.kept_head)
-            self.kept_n = grown(self.kept_n)
+        if self.kept is not None:
+            self.kept.grow(capacity)
         self.ids = grown(self.ids, None)
         # Pop from the end: hand out low rows first so the live rows stay dense.
         # New rows go under the rows freed earlier; both pop lowest-first. The stack
