@@ -377,3 +377,26 @@ async def test_lstm_client_names_the_model_and_lists_versions(
     assert json.loads(got.stdout)["model"] == "other"
     missing = await asyncio.to_thread(client, "get", "a", "--model", "m")
     assert missing.returncode == 3 and "no session 'a'" in missing.stderr
+
+
+async def test_drain_moves_what_is_left_by_reset_after_retire_after_s(
+    tmp_path: Path, start_server: ServerFactory
+) -> None:
+    repo = repository(tmp_path / "repo", "m", "drain", retire_after_s="0.5")
+    server = await start_server(
+        model_repository=str(repo), model_control="poll", repository_poll_secs=0.05
+    )
+    x = np.random.default_rng(4).standard_normal((2, E)).astype(np.float32)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.LstmStreamStub(channel)
+        assert answers_of(await stub.Step(request([Ev("a", x[0])])), 1)[0][1] == 1
+        p2 = add_version(repo, "m", 2)
+        await until(lambda: index_of(server).get(("m", 2), ("",))[0] == "READY")
+        assert index_of(server)[("m", 1)][0] == "RETIRING"  # drains: "a" stays for now
+        await until(lambda: index_of(server)[("m", 1)][0] == "UNAVAILABLE")
+        code, version, output, _ = answers_of(await stub.Step(request([Ev("a", x[1])])), 1)[0]
+        assert (code, version) == (0, 2)
+        h, _ = lstm.step(x[1].astype(np.float64), np.zeros(H), np.zeros(H), p2)
+        np.testing.assert_allclose(output, h, atol=1e-5)  # moved by reset: from zero state
+        session = await stub.GetSession(pb.SessionRef(session_id="a"))
+        assert session.step == 2 and session.model_version == 2

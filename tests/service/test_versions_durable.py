@@ -205,3 +205,40 @@ async def test_sighup_rescans_the_repository(tmp_path: Path) -> None:
             assert got.results[0].model_version == 2
     finally:
         assert target.stop() == 0
+
+
+async def test_replay_rebuilds_a_stored_session_on_the_new_version_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """retire_policy replay keeps each session's last events in the store too: a server
+    restarted with a newer version moves a stored session by replaying them on it."""
+    from tests.service.versions import PolicyReference
+
+    repo = repository(tmp_path / "repo", "m", "replay", replay_events="4")
+    db = f"sqlite://{tmp_path / 's.db'}"
+    args = ["--device", DEVICE, "--state-store", db, "--model-repository", str(repo)]
+    x = np.random.default_rng(9).standard_normal((7, E)).astype(np.float32)
+    versions = {1: parameters(1)}
+    ref = PolicyReference("replay", versions, replay=4)
+    target = procs.start("server", None, args)
+    try:
+        async with grpc.aio.insecure_channel(target.address) as channel:
+            stub = pb_grpc.LstmStreamStub(channel)
+            for k in range(6):
+                got = (await stub.Step(request([Ev("a", x[k])]))).results[0]
+                assert got.model_version == 1
+                np.testing.assert_allclose(got.output, ref.answer("a", x[k], 1), atol=1e-5)
+    finally:
+        assert target.stop() == 0
+    versions[2] = add_version(repo, "m", 2)
+    target = procs.start("server", None, args)
+    try:
+        async with grpc.aio.insecure_channel(target.address) as channel:
+            stub = pb_grpc.LstmStreamStub(channel)
+            stored = await stub.GetSession(pb.SessionRef(session_id="a"))
+            assert (stored.model_version, stored.step) == (1, 6)  # as acknowledged
+            got = (await stub.Step(request([Ev("a", x[6])]))).results[0]
+            assert (got.model_version, got.step) == (2, 7)
+            np.testing.assert_allclose(got.output, ref.answer("a", x[6], 2), atol=1e-5)
+    finally:
+        assert target.stop() == 0
