@@ -36,7 +36,9 @@ def check(address: str, timeout: float, tls_ca: str | None, server_name: str) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.healthcheck", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m service.healthcheck", description=__doc__, allow_abbrev=False
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("LSTM_PORT") or 50051))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--timeout", type=float, default=3.0)
