@@ -75,16 +75,23 @@ def answers_of(response: pb.StepResponse, n: int) -> list[tuple[int, int, np.nda
 
 
 async def run_streams(
-    stub: pb_grpc.LstmStreamStub, xs: np.ndarray, record: list, upgrades: asyncio.Task
+    stub: pb_grpc.LstmStreamStub,
+    xs: np.ndarray,
+    record: list,
+    upgrades: asyncio.Task,
+    upgraded: asyncio.Event,
 ) -> None:
     """4 pipelined streams of 16 sessions each, one event per session per request, both
-    forms, paced so that the upgrades happen while they run."""
+    forms, paced so that the upgrades happen while they run; the second half of the rounds
+    waits for ``upgraded`` (a slow machine loads versions slowly)."""
 
     async def one(k: int) -> None:
         ids = [f"s{k * 16 + i}" for i in range(SESSIONS // STREAMS)]
 
         async def requests():  # type: ignore[no-untyped-def]
             for t in range(ROUNDS):
+                if t == ROUNDS // 2:
+                    await upgraded.wait()
                 yield request([Ev(sid, xs[t, k * 16 + i]) for i, sid in enumerate(ids)], t % 2)
                 await asyncio.sleep(0.004)
 
@@ -114,6 +121,7 @@ async def test_live_upgrade_under_load(
     xs = np.random.default_rng(0).standard_normal((ROUNDS, SESSIONS, E)).astype(np.float32)
     record: list[tuple[str, int, tuple[int, int, np.ndarray, str]]] = []
     newcomers: list[tuple[str, int]] = []
+    upgraded = asyncio.Event()
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.LstmStreamStub(channel)
@@ -127,8 +135,9 @@ async def test_live_upgrade_under_load(
                 sid = f"new-{version}"
                 got = answers_of(await stub.Step(request([Ev(sid, np.ones(E))])), 1)[0]
                 newcomers.append((sid, got[1]))
+            upgraded.set()
 
-        await run_streams(stub, xs, record, asyncio.ensure_future(upgrades()))
+        await run_streams(stub, xs, record, asyncio.ensure_future(upgrades()), upgraded)
 
         ref = PolicyReference(policy, versions, replay)
         seen: dict[str, list[int]] = {}
