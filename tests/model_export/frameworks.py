@@ -105,3 +105,18 @@ def keras_variant(
             archive.writestr(name, data)
     (tmp_path / "variant.keras").write_bytes(buffer.getvalue())
     return "variant.keras"
+
+
+def refused(args: list[str], where: Path, *needles: str) -> str:
+    """Export into ``where/out.onnx`` (a file already there); check that nothing changed."""
+    out = where / "out.onnx"
+    out.write_bytes(b"the previous model")
+    result = export([*args, "--out", str(out)], where=where)
+    assert result.code == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("lstm-export: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr
+    assert out.read_bytes() == b"the previous model"
+    assert sorted(p.name for p in where.iterdir() if p.name.endswith(".tmp")) == []
+    return result.stderr

@@ -15,26 +15,11 @@ import onnx
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from .frameworks import FIXTURES, export, keras_variant
+from .frameworks import FIXTURES, export, keras_variant, refused
 
 TORCH_MLP = "lstm_nobias_mlp.safetensors"
 TORCH_2LAYER = "lstm_2layer_linear_sigmoid.safetensors"
 KERAS_LSTM = "keras_lstm_2layer_dense_sigmoid.keras"
-
-
-def refused(args: list[str], where: Path, *needles: str) -> str:
-    """Export into ``where/out.onnx`` (a file already there); check that nothing changed."""
-    out = where / "out.onnx"
-    out.write_bytes(b"the previous model")
-    result = export([*args, "--out", str(out)], where=where)
-    assert result.code == 2, result.stdout + result.stderr
-    assert result.stderr.startswith("lstm-export: ") and result.stderr.count("\n") == 1
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in result.stderr
-    assert out.read_bytes() == b"the previous model"
-    assert sorted(p.name for p in where.iterdir() if p.name.endswith(".tmp")) == []
-    return result.stderr
 
 
 def torch_variant(
