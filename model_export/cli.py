@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 import onnx
 
-from model_export.arch import ACTIVATIONS, OUTPUT_ACTIVATIONS, ModelImportError
+from model_export.arch import ACTIVATIONS, OUTPUT_ACTIVATIONS, Architecture, ModelImportError
+from model_export.assumed import keras_read, torch_assumptions, torch_hint
 from model_export.lstm import Parameters
 from model_export.onnx_export import DEFAULT_OP, OPS, build_model, check, max_difference
 from model_export.params import ParameterFileError, fingerprint, load_parameters
+from model_export.recorded import FORMAT, Recording, RecordingError, compare, load_recording
 
 DESCRIPTION = """\
 Export one step of a recurrent model to ONNX, check it against the numpy
@@ -30,8 +32,43 @@ Sources:
                 input, candidate and output gates
   --random      a seed-form LSTM with random weights (--event-size, --hidden-size)
 
-Exit status: 0 written, 1 the check failed (nothing written), 2 refused (nothing
-written; the reason on stderr)."""
+A state_dict records weights, not activations: with --from-torch, what was
+found and what was assumed (recurrent module, head layers and the activations
+between them, output activation) is printed on stderr. To prove an export equal
+to the framework, record the framework's outputs and pass --check recorded.npz
+(keys: inputs [T, B, E], outputs [T, B, O], optionally h_n and c_n [L, B, width]
+as nn.LSTM/nn.GRU return them; T steps of B sequences from zero state). The
+step model runs over the T steps in ONNX Runtime and must agree within
+--tolerance, absolute plus relative: |exported - recorded| <= tol + tol*|recorded|.
+
+Exit status: 0 written, 1 the check against the numpy reference failed (nothing
+written), 2 refused, or --check differs (nothing written; the reason on stderr)."""
+
+TORCH_RECIPE = (
+    "x = torch.randn(50, 4, E)  # [T, B, E]: 50 steps of 4 sequences; E = the event size",
+    "with torch.no_grad(): y = model.eval()(x)  # [T, B, O]: every step's output",
+    'numpy.savez("recorded.npz", inputs=x.numpy(), outputs=y.numpy())',
+)
+KERAS_RECIPE = (
+    'x = numpy.random.randn(4, 50, E).astype("float32")  # [B, T, E]: Keras is batch first',
+    "y = model.predict(x)  # [B, T, O]: the top recurrent layer has return_sequences=True",
+    'numpy.savez("recorded.npz", inputs=x.transpose(1, 0, 2), outputs=y.transpose(1, 0, 2))',
+)
+"""How to record the file --check reads, three lines each; docs/EXPORT.md shows the same."""
+
+RECIPES = "\n".join(
+    [
+        "Recording recorded.npz for --check, where the model was trained:",
+        "  PyTorch (an nn.LSTM/nn.GRU with batch_first=False, as by default):",
+        *(f"    {line}" for line in TORCH_RECIPE),
+        "  Keras:",
+        *(f"    {line}" for line in KERAS_RECIPE),
+        "  A model that gives only the last step's output [B, O]: build y [T, B, O] by prefixes,",
+        "    with torch.no_grad(): y = torch.stack([model(x[: t + 1]) for t in range(50)])",
+        "    y = numpy.stack([model.predict(x[:, : t + 1], verbose=0) for t in range(50)])",
+        "  and save outputs=y as it is. docs/EXPORT.md has more (batch_first, final states).",
+    ]
+)
 
 
 @dataclass
@@ -41,12 +78,16 @@ class Export:
     model: onnx.ModelProto
     difference: Callable[[onnx.ModelProto], float]
     summary: str
+    layers: int = 1
+    arch: Architecture | None = None
+    """The imported architecture (None for the seed form), for what is said about it."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="lstm-export",
         description=DESCRIPTION,
+        epilog=RECIPES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
@@ -92,12 +133,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"seed form only: the ONNX LSTM operator or an explicit graph (default {DEFAULT_OP})",
     )
     parser.add_argument(
+        "--check",
+        metavar="RECORDED",
+        help=f"an .npz of the framework's own numbers: {FORMAT}; the export is written only "
+        "if it agrees within --tolerance (see below for how to record one)",
+    )
+    parser.add_argument(
         "--tolerance",
         type=float,
         default=1e-5,
-        help="largest accepted |ONNX Runtime - reference| (default 1e-5)",
+        help="largest accepted |ONNX Runtime - reference|, and with --check "
+        "|exported - recorded| <= tol + tol*|recorded| (default 1e-5; outputs recorded on a "
+        "GPU, with TF32 or in reduced precision may need 1e-4 or more)",
     )
     args = parser.parse_args(argv)
+    if not args.tolerance >= 0:
+        parser.error("--tolerance must be a number >= 0")
     if args.random:
         if args.event_size is None or args.hidden_size is None:
             parser.error("--random needs --event-size and --hidden-size")
@@ -166,7 +217,7 @@ def _framework_export(args: argparse.Namespace) -> Export:
         + ",".join(f"{name}[{size}]" for name, size in arch.state_sizes.items())
         + f" fingerprint={arch.fingerprint()[:16]}"
     )
-    return Export(model, lambda m: max_step_difference(m, arch), summary)
+    return Export(model, lambda m: max_step_difference(m, arch), summary, arch.num_layers, arch)
 
 
 def write_atomically(model: onnx.ModelProto, path: str) -> None:
@@ -193,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lstm-export: cannot write {args.out}: no directory {out_dir}", file=sys.stderr)
         return 2
     try:
+        # The recording is read first: a bad file is refused before any work is done.
+        recording = load_recording(args.check) if args.check is not None else None
         export = _seed_export(args) if args.params or args.random else _framework_export(args)
-    except (ParameterFileError, ModelImportError) as exc:
+    except (ParameterFileError, ModelImportError, RecordingError) as exc:
         print(f"lstm-export: {exc}", file=sys.stderr)
         return 2
     check(export.model)
@@ -208,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    if recording is not None:
+        refusal = _check_recording(export, recording, args)
+        if refusal:
+            print(refusal, file=sys.stderr)
+            return 2
+    _say_what_was_assumed(export, args)
     try:
         write_atomically(export.model, args.out)
     except OSError as exc:
@@ -215,3 +274,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {args.out}")
     return 0
+
+
+def _check_recording(export: Export, recording: Recording, args: argparse.Namespace) -> str:
+    """Compare with the framework's numbers; the one refusal line, or "" when they agree."""
+    try:
+        result = compare(export.model, recording, export.layers, args.tolerance)
+    except RecordingError as exc:
+        return f"lstm-export: {exc}; {args.out} not written"
+    tolerance = f"{args.tolerance:g} + {args.tolerance:g}*|recorded|"
+    if not result.passed:
+        hint = torch_hint(export.arch) if args.from_torch is not None and export.arch else ""
+        return (
+            f"lstm-export: --check {recording.name}: the export differs from the framework by "
+            f"{result.largest:.3g} in {result.where} (exported {result.exported:.6g}, recorded "
+            f"{result.recorded:.6g}; tolerance {tolerance}){hint}; {args.out} not written"
+        )
+    print(
+        f"--check {recording.name}: {recording.steps} steps of {recording.sequences} sequences "
+        f"({', '.join(result.compared)}): max |exported - recorded| = {result.largest:.3g} "
+        f"(tolerance {tolerance})"
+    )
+    return ""
+
+
+def _say_what_was_assumed(export: Export, args: argparse.Namespace) -> None:
+    """A state_dict's assumptions on stderr; what a .keras file said, on stdout."""
+    if export.arch is None:
+        return
+    if args.from_torch is not None:
+        checked = os.path.basename(args.check) if args.check is not None else None
+        lines = torch_assumptions(export.arch, args.rnn, args.head, args.output_activation, checked)
+        print("\n".join(lines), file=sys.stderr)
+    else:
+        print(keras_read(export.arch))
