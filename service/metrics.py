@@ -220,8 +220,17 @@ class Metrics:
         )
         self.model_info = Gauge(
             "lstm_model_info",
-            "A loaded model version (value 1).",
-            ["model", "version", "fingerprint", "provider", "event_size", "output_size", "source"],
+            "A loaded model version (value 1); provider and device (cpu, cuda:N): where it runs.",
+            [
+                "model",
+                "version",
+                "fingerprint",
+                "provider",
+                "event_size",
+                "output_size",
+                "source",
+                "device",
+            ],
             registry=r,
         )
         self.model_state = Gauge(

@@ -2,7 +2,10 @@
 
 A version is loaded, contract-checked and warmed up off the event loop while
 serving goes on, and serves only once ready; a failed load changes nothing that
-serves and keeps its reason for the repository index. A version that leaves
+serves and keeps its reason for the repository index. A failed version is tried
+again when its files change (or at an explicit load); one whose files were still
+changing when it failed (a copy not finished) is "not settled yet" and tried again
+at the next scan instead of being reported as a failure. A version that leaves
 the policy (or is unloaded) retires: its sessions follow the model's retire
 policy, and the version unloads when its last session has left (load before
 unload).
@@ -16,7 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from service.core.engine import Engine
@@ -24,8 +27,14 @@ from service.core.lane import Lane
 from service.core.model import ServedModel
 from service.core.types import UnknownModel
 from service.metrics import Metrics
-from service.repository import ConfigError, ModelConfig, RepositoryModel
-from service.runtime import ModelContractError, Runtime, load_model_bytes
+from service.repository import (
+    ConfigError,
+    ModelConfig,
+    RepositoryModel,
+    Signature,
+    newest_change_ns,
+)
+from service.runtime import CudaOptions, ModelContractError, Runtime, load_model_bytes
 from service.state.cache import SessionCache, StoreAccess, StoreUnavailable
 from service.state.table import Limits, SessionTable
 from service.store.base import StoreError, StoreLayout, StoreMismatchError
@@ -39,6 +48,9 @@ STORE_CHECK_S = 30.0
 """How often a draining version asks the store whether rows are still pinned to it."""
 MOVE_BATCH = 4096
 """Sessions a retiring version moves at once."""
+SETTLE_S = 2.0
+"""Without polling: a failed version whose files changed this recently is not settled yet,
+and is tried again this much later (polling: the poll interval, and the next scan)."""
 
 
 class Repository(Protocol):
@@ -53,6 +65,7 @@ class LoadSettings:
     ort_threads: int = 1
     max_batch: int = 1024
     initial_capacity: int = 1024
+    cuda: CudaOptions = field(default_factory=CudaOptions)
 
 
 @dataclass
@@ -61,6 +74,17 @@ class VersionStatus:
     version: int
     state: str
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class FailedLoad:
+    """A version's last failed load: its files then, the error, and whether it was final."""
+
+    signature: Signature
+    error: str
+    settled: bool
+    """False: its files were still changing (a copy in progress?); tried again at the next
+    scan whether or not they change again."""
 
 
 class Registry:
@@ -75,6 +99,8 @@ class Registry:
         repository: Repository,
         settings: LoadSettings,
         default_model: str,
+        poll_s: float | None = None,
+        log_failures: bool = True,
     ):
         self.engine = engine
         self.access = access
@@ -84,6 +110,16 @@ class Registry:
         self.settings = settings
         self.default_model = default_model
         """Where requests without a model name go (see ``resolve``)."""
+        self.poll_s = poll_s
+        """The server rescans every ``poll_s`` seconds (None: only on SIGHUP or a load)."""
+        self.settle_s = SETTLE_S if poll_s is None else poll_s
+        self.log_failures = log_failures
+        """False where the caller reports a failed load itself (one model file at start)."""
+        self.failed: dict[tuple[str, int], FailedLoad] = {}
+        self._seen: dict[tuple[str, int], Signature] = {}
+        """Each version's files at the previous scan (unchanged across two: settled)."""
+        self._config_reported: dict[str, object] = {}
+        self._retry: asyncio.Task[None] | None = None
         self.configs: dict[str, ModelConfig] = {}
         self.status: dict[tuple[str, int], VersionStatus] = {}
         self._lock = asyncio.Lock()
@@ -148,25 +184,35 @@ class Registry:
             for name in wanted:
                 entry = found.get(name)
                 if entry is None:
+                    self._forget(name, set())
                     await self._unload(name, "not in the repository")
                     continue
                 await self._apply(entry)
             if unload_missing:
                 for name in [n for n in self.engine.models if n not in found]:
                     await self._unload(name, "removed from the repository")
+            self._retry_unsettled()
 
     async def load(self, name: str) -> None:
-        """Load (or reload) a model as the repository has it now (explicit control)."""
+        """Load (or reload) a model as the repository has it now (explicit control); a
+        version that failed before is tried again even if its files did not change."""
         async with self._lock:
             found = await asyncio.to_thread(self.repository.scan)
             entry = found.get(name)
             if entry is None:
                 raise UnknownModel(f"no model {name!r} in the repository")
-            await self._apply(entry)
+            await self._apply(entry, again=True)
+            self._retry_unsettled()
             status = [s for s in self.status.values() if s.model == name]
             if name not in self.engine.models or self.engine.models[name].newest is None:
                 reasons = "; ".join(f"version {s.version}: {s.reason}" for s in status if s.reason)
-                raise ModelContractError(f"failed to load {name!r}: {reasons or 'no version'}")
+                raise ModelContractError(reasons or "no version")
+
+    def load_error(self, name: str, version: int) -> str | None:
+        """Why a version's last load failed, as the runtime or the store said it (None: it
+        did not fail)."""
+        failed = self.failed.get((name, version))
+        return failed.error if failed is not None else None
 
     async def unload(self, name: str) -> None:
         """Unload every version of a model (explicit control)."""
@@ -175,14 +221,23 @@ class Registry:
                 raise UnknownModel(f"no model {name!r} is loaded")
             await self._unload(name, "unloaded")
 
-    async def _apply(self, entry: RepositoryModel) -> None:
+    async def _apply(self, entry: RepositoryModel, again: bool = False) -> None:
+        """Bring a model's versions to what the repository and the policy say; ``again``:
+        also try versions whose last load failed on the files they still have."""
         name = entry.name
         for version, reason in entry.missing.items():
             if (name, version) not in self.status or self.status[(name, version)].state != READY:
                 self._set(name, version, UNAVAILABLE, reason)
+        self._forget(name, set(entry.versions))
+        stable = {v: self._seen.get((name, v)) == sig for v, sig in entry.signatures.items()}
+        self._seen.update({(name, v): sig for v, sig in entry.signatures.items()})
         if entry.problem is not None or entry.config is None:
-            log.error("model %s cannot load: %s", name, entry.problem)
-            self.metrics.load_failures.labels(name).inc()
+            # Said once per change of the files, not at every scan.
+            seen = (entry.problem, sorted(entry.signatures.items()))
+            if self._config_reported.get(name) != seen:
+                self._config_reported[name] = seen
+                log.error("model %s cannot load: %s", name, entry.problem)
+                self.metrics.load_failures.labels(name).inc()
             for version in entry.versions:
                 if (name, version) not in self.status or self.status[(name, version)].state in (
                     LOADING,
@@ -190,6 +245,7 @@ class Registry:
                 ):
                     self._set(name, version, UNAVAILABLE, entry.problem or "no config")
             return
+        self._config_reported.pop(name, None)
         config = self.configs[name] = entry.config
         wanted = config.policy.allows(list(entry.versions))
         model = self.engine.models.get(name)
@@ -204,16 +260,21 @@ class Registry:
         for version in sorted(set(wanted) | pinned):
             if version in loaded:
                 continue
-            failed = self.status.get((name, version))
-            if (
-                failed is not None
-                and failed.state == UNAVAILABLE
-                and failed.reason.startswith("load failed")
-            ):
-                continue  # a file that failed is tried again only when it changes (or at load)
-            lane = await self._load(name, version, entry.versions[version], config)
+            signature = entry.signatures.get(version, ())
+            failed = self.failed.get((name, version))
+            if failed is not None and failed.settled and failed.signature == signature:
+                if not again:
+                    continue  # the same files fail the same way
+            lane = await self._load(
+                name, version, entry.versions[version], config, signature, stable.get(version)
+            )
             if lane is not None and version in pinned:
                 self._retire(self.engine.models[name], lane, "drain")
+        for (model_name, version), failed in list(self.failed.items()):
+            if model_name == name and not failed.settled and version not in wanted:
+                # It left the policy before its files settled: its last failure stands.
+                self.failed[(name, version)] = FailedLoad(failed.signature, failed.error, True)
+                self._set(name, version, UNAVAILABLE, f"load failed: {failed.error}")
         model = self.engine.models.get(name)
         if model is None:
             return
@@ -231,23 +292,33 @@ class Registry:
                 self._retire(model, lane, config.retire.policy)
 
     async def _load(
-        self, name: str, version: int, path: str | None, config: ModelConfig
+        self,
+        name: str,
+        version: int,
+        path: str | None,
+        config: ModelConfig,
+        signature: Signature = (),
+        stable: bool | None = None,
     ) -> Lane | None:
-        """Load, check and warm a version up off the loop; the lane once it serves."""
+        """Load, check and warm a version up off the loop; the lane once it serves.
+
+        ``signature``: the version's files as scanned; ``stable``: whether the previous
+        scan saw them the same (None: no previous scan saw the version).
+        """
         self._set(name, version, LOADING)
         s = self.settings
         started = time.perf_counter()
         try:
             data, source = await asyncio.to_thread(load_model_bytes, path)
-            runtime = await asyncio.to_thread(Runtime, data, source, s.device, s.ort_threads)
+            runtime = await asyncio.to_thread(
+                Runtime, data, source, s.device, s.ort_threads, s.cuda
+            )
             await asyncio.to_thread(runtime.warm_up, s.max_batch)
             lane = await self.install(name, version, runtime, data, config)
         except (ModelContractError, StoreMismatchError, StoreError, StoreUnavailable) as exc:
-            reason = f"load failed: {exc}"
-            log.error("%s version %d: %s", name, version, reason)
-            self._set(name, version, UNAVAILABLE, reason)
-            self.metrics.load_failures.labels(name).inc()
+            self._failed_load(name, version, str(exc), signature, stable)
             return None
+        self.failed.pop((name, version), None)
         spec = runtime.spec
         log.info(
             "%s version %d ready in %.2fs: %s, provider %s, states %s",
@@ -259,6 +330,59 @@ class Registry:
             ",".join(f"{n}[{k}]" for n, k in zip(spec.state_names, spec.state_sizes)),
         )
         return lane
+
+    def _failed_load(
+        self, name: str, version: int, error: str, signature: Signature, stable: bool | None
+    ) -> None:
+        """Record a failed load: final, or not settled yet when the version's files changed
+        since the previous scan and within the last ``settle_s`` (a copy still going on)."""
+        age = time.time() - newest_change_ns(signature) / 1e9
+        settled = not signature or bool(stable) or age >= self.settle_s
+        self.failed[(name, version)] = FailedLoad(signature, error, settled)
+        if settled:
+            reason = f"load failed: {error}"
+            if self.log_failures:
+                log.error("%s version %d: %s", name, version, reason)
+            self._set(name, version, UNAVAILABLE, reason)
+            self.metrics.load_failures.labels(name).inc()
+            return
+        newest = max(signature, key=lambda file: file[2])[0]
+        when = "at the next scan" if self.poll_s is not None else f"in {self.settle_s:g}s"
+        reason = (
+            f"not settled yet: {name}/{newest} changed {max(age, 0.0):.1f}s ago and the load "
+            f"failed ({error}); tried again {when}"
+        )
+        log.warning("%s version %d: %s", name, version, reason)
+        self._set(name, version, LOADING, reason)
+
+    def _forget(self, name: str, present: set[int]) -> None:
+        """Failed loads of versions no longer on disk are forgotten: one that comes back is
+        tried again."""
+        for key in [k for k in self.failed if k[0] == name and k[1] not in present]:
+            del self.failed[key]
+            status = self.status.get(key)
+            if status is not None and status.state in (LOADING, UNAVAILABLE):
+                self._set(name, key[1], UNAVAILABLE, "not in the repository")
+        for key in [k for k in self._seen if k[0] == name and k[1] not in present]:
+            del self._seen[key]
+
+    def _retry_unsettled(self) -> None:
+        """Without polling, nothing else looks again: a version not settled yet is tried
+        again ``settle_s`` later."""
+        if self.poll_s is not None or self._retry is not None:
+            return
+        names = sorted({name for (name, _), f in self.failed.items() if not f.settled})
+        if names:
+            self._retry = asyncio.get_running_loop().create_task(
+                self._retry_later(names), name="retry-unsettled"
+            )
+            self._tasks.add(self._retry)
+            self._retry.add_done_callback(self._tasks.discard)
+
+    async def _retry_later(self, names: list[str]) -> None:
+        await asyncio.sleep(self.settle_s)
+        self._retry = None
+        await self.sync(names)
 
     async def install(
         self, name: str, version: int, runtime: Runtime, data: bytes, config: ModelConfig
@@ -310,6 +434,7 @@ class Registry:
             str(spec.event_size),
             str(spec.output_size),
             spec.source,
+            runtime.device,
         )
         self.metrics.model_info.labels(*lane.info_labels).set(1)
         return lane

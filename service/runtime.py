@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,52 +68,181 @@ def load_model_bytes(path: str | None) -> tuple[bytes, str]:
         raise ModelContractError(f"cannot read model {path}: {exc.strerror}") from exc
 
 
-# TF32 matmuls would cost ~1e-3 of precision; the served outputs must match float32.
-_CUDA_OPTIONS = {"use_tf32": "0"}
+@dataclass(frozen=True)
+class CudaOptions:
+    """How the CUDA execution provider is set up (``--cuda-mem-limit``, ``--cuda-tf32``)."""
+
+    mem_limit: int = 0
+    """Bytes ONNX Runtime's CUDA arena may hold (``gpu_mem_limit``); 0 = no limit."""
+    tf32: bool = False
+    """Let cuBLAS/cuDNN round matmul inputs to TF32 (10-bit mantissa): faster, less exact."""
 
 
-def _providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
-    available = ort.get_available_providers()
-    if device == "cpu":
+NO_CUDA_OPTIONS = CudaOptions()
+"""The defaults: no memory limit, TF32 off."""
+
+TF32_TOLERANCE = 5e-3
+"""Largest |served - float64 reference| documented for one step with ``--cuda-tf32``.
+
+TF32 keeps 10 of float32's 23 mantissa bits, so each matmul input is rounded by up
+to 2^-11 (about 4.9e-4) relative; summed over a gate's inputs and through the
+gates, a step of a unit-scaled model moves by about 1e-3. Without TF32 the
+served outputs stay within 1e-5 of the reference, as on the CPU.
+"""
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``auto``/``cpu``/``cuda``/``cuda:N`` as (kind, device id); ValueError on anything else."""
+    kind, sep, index = device.partition(":")
+    if kind in ("auto", "cpu", "cuda") and not sep:
+        return kind, 0
+    if kind == "cuda" and index.isdigit() and index.isascii():
+        return kind, int(index)
+    raise ValueError(f"--device must be auto, cpu, cuda or cuda:N (got {device!r})")
+
+
+def cuda_provider_options(device_id: int, cuda: CudaOptions) -> dict[str, str]:
+    """The CUDA execution provider's options, each set on purpose."""
+    options = {
+        "device_id": str(device_id),
+        # TF32 would round matmul inputs (TF32_TOLERANCE); off, served outputs match float32.
+        "use_tf32": "1" if cuda.tf32 else "0",
+        # Every run has another batch size: grow the arena by what a run asks for, not
+        # to the next power of two, so --cuda-mem-limit bounds what the arena really holds.
+        "arena_extend_strategy": "kSameAsRequested",
+        # EXHAUSTIVE (the default) benchmarks cuDNN algorithms for every new input
+        # shape, i.e. at every new batch size; the heuristic choice costs nothing.
+        "cudnn_conv_algo_search": "HEURISTIC",
+        # CUDA graphs need fixed shapes and the batch dimension changes every run.
+        "enable_cuda_graph": "0",
+    }
+    if cuda.mem_limit:
+        options["gpu_mem_limit"] = str(cuda.mem_limit)
+    return options
+
+
+Providers = list[str | tuple[str, dict[str, str]]]
+
+
+def providers_for(
+    device: str, available: Sequence[str], cuda: CudaOptions = NO_CUDA_OPTIONS
+) -> Providers:
+    """The providers for ``--device``, given the ones this build has (a pure function).
+
+    ``auto`` takes CUDA only when this build has it; ``cuda`` without it is an error,
+    never a quiet CPU run. CPU stays last so the few ops CUDA lacks still run.
+    """
+    kind, device_id = parse_device(device)
+    if kind == "cpu":
         return [CPU]
-    if device == "cuda" and CUDA not in available:
+    if CUDA not in available:
+        if kind == "auto":
+            return [CPU]
         raise DeviceUnavailableError(
-            "--device cuda: this onnxruntime build has no CUDA execution provider "
+            f"--device {device}: this onnxruntime build has no CUDA execution provider "
             f"(available: {', '.join(available)}); install onnxruntime-gpu on a machine with "
             "an NVIDIA GPU, or use --device cpu / auto"
         )
-    if CUDA not in available:
-        return [CPU]
-    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels, when installed so
-        ort.preload_dlls()
-    return [(CUDA, _CUDA_OPTIONS), CPU]
+    return [(CUDA, cuda_provider_options(device_id, cuda)), CPU]
+
+
+def probe_cuda(device: str, device_id: int) -> None:
+    """Raise DeviceUnavailableError saying why CUDA device ``device_id`` cannot be used.
+
+    Asks the NVIDIA driver itself, so the reason is one line (no driver, no GPU,
+    no such device) instead of ONNX Runtime's log of a failed provider.
+    """
+    try:
+        driver = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        raise DeviceUnavailableError(
+            f"--device {device}: no NVIDIA driver on this machine (libcuda not found)"
+        ) from None
+    code = driver.cuInit(0)
+    if code != 0:
+        raise DeviceUnavailableError(
+            f"--device {device}: the NVIDIA driver found no usable GPU (cuInit error {code})"
+        )
+    count = ctypes.c_int(0)
+    driver.cuDeviceGetCount(ctypes.byref(count))
+    if device_id >= count.value:
+        raise DeviceUnavailableError(
+            f"--device {device}: this machine has {count.value} CUDA device(s) "
+            f"(cuda:0..cuda:{count.value - 1})"
+        )
+
+
+def open_session(
+    model: bytes,
+    source: str,
+    device: str = "auto",
+    threads: int = 1,
+    cuda: CudaOptions = NO_CUDA_OPTIONS,
+) -> tuple[ort.InferenceSession, str]:
+    """An ``InferenceSession`` on ``--device`` and where it runs (``cpu`` or ``cuda:N``).
+
+    ``cuda`` that cannot be had raises DeviceUnavailableError with a one-line
+    reason; ``auto`` then runs on the CPU and logs why.
+    """
+    try:
+        kind, device_id = parse_device(device)
+    except ValueError as exc:
+        raise DeviceUnavailableError(str(exc)) from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    providers = providers_for(device, ort.get_available_providers(), cuda)
+    if providers[0] != CPU:
+        try:
+            probe_cuda(device, device_id)
+        except DeviceUnavailableError as exc:
+            if kind == "cuda":
+                raise
+            log.info("%s; running on the CPU", exc)
+            providers = [CPU]
+    if providers[0] != CPU and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels, where installed so
+    try:
+        # No fallback under --device cuda: a CUDA provider that fails fails the load.
+        session = ort.InferenceSession(
+            model, options, providers=providers, enable_fallback=int(kind != "cuda")
+        )
+    except Exception as exc:  # ORT raises several private exception types here
+        text = str(exc).strip()
+        if kind == "cuda" and "cuda" in text.lower():
+            raise DeviceUnavailableError(f"--device {device}: {text.splitlines()[0]}") from None
+        raise ModelContractError(f"ONNX Runtime cannot load {source}: {exc}") from exc
+    provider = session.get_providers()[0]
+    if kind == "cuda" and provider != CUDA:
+        raise DeviceUnavailableError(
+            f"--device {device}: the CUDA execution provider failed to initialise "
+            "(CUDA or cuDNN libraries not found: install onnxruntime-gpu[cuda,cudnn])"
+        )
+    return session, f"cuda:{device_id}" if provider == CUDA else "cpu"
 
 
 class Runtime:
     """One ``InferenceSession`` for the step model; ``run`` is called from one thread at a time."""
 
-    def __init__(self, model: bytes, source: str, device: str = "auto", threads: int = 1):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        providers = _providers(device)
-        try:
-            self._session = ort.InferenceSession(model, options, providers=providers)
-        except Exception as exc:  # ORT raises several private exception types here
-            raise ModelContractError(f"ONNX Runtime cannot load {source}: {exc}") from exc
+    def __init__(
+        self,
+        model: bytes,
+        source: str,
+        device: str = "auto",
+        threads: int = 1,
+        cuda: CudaOptions = NO_CUDA_OPTIONS,
+    ):
+        self._session, self.device = open_session(model, source, device, threads, cuda)
+        """``device``: where the model runs, ``cpu`` or ``cuda:N``."""
         self.provider = self._session.get_providers()[0]
-        if device == "cuda" and self.provider != CUDA:
-            raise DeviceUnavailableError(
-                "--device cuda: the CUDA execution provider failed to initialise "
-                "(no usable NVIDIA GPU or CUDA/cuDNN libraries); see the log above"
-            )
         self.spec = _check_contract(self._session, source, _output_alias(model))
         self._outputs = ["output", *(f"{name}_out" for name in self.spec.state_names)]
         log.info(
-            "model loaded: source=%s provider=%s event_size=%d output_size=%d states=%s",
+            "model loaded: source=%s provider=%s device=%s event_size=%d output_size=%d states=%s",
             source,
             self.provider,
+            self.device,
             self.spec.event_size,
             self.spec.output_size,
             ",".join(f"{n}[{s}]" for n, s in zip(self.spec.state_names, self.spec.state_sizes)),

@@ -39,7 +39,7 @@ from service.dataplane import DataPlane
 from service.metrics import Metrics
 from service.models import LoadSettings, Registry
 from service.repository import ModelRepository, SingleModel
-from service.runtime import DeviceUnavailableError, ModelContractError
+from service.runtime import CudaOptions, DeviceUnavailableError, ModelContractError
 from service.settings import Settings
 from service.state.cache import StoreAccess
 from service.state.table import Limits
@@ -159,7 +159,13 @@ class Server:
             limits,
             self.metrics,
             repository,
-            LoadSettings(s.device, s.ort_threads, s.max_batch, s.initial_capacity),
+            LoadSettings(
+                s.device,
+                s.ort_threads,
+                s.max_batch,
+                s.initial_capacity,
+                CudaOptions(s.cuda_mem_limit_bytes, s.cuda_tf32),
+            ),
             s.model_name,
         )
         self.engine.start()

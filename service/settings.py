@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,8 +72,22 @@ class Settings:
     device: str = field(
         default="auto",
         metadata={
-            "help": "auto (CUDA if available, else CPU), cpu or cuda",
-            "choices": ("auto", "cpu", "cuda"),
+            "help": "auto (CUDA if usable, else CPU), cpu, cuda or cuda:N (GPU number N); "
+            "cuda fails at start when no GPU can be used"
+        },
+    )
+    cuda_mem_limit: str = field(
+        default="0",
+        metadata={
+            "help": "with CUDA: most GPU memory ONNX Runtime's arena may take, in bytes or "
+            "with a unit (8GiB, 512MiB); 0 = no limit"
+        },
+    )
+    cuda_tf32: bool = field(
+        default=False,
+        metadata={
+            "help": "with CUDA: allow TF32 matmuls (faster on Ampere and later; outputs "
+            "then differ from float32 by up to 5e-3)"
         },
     )
     ort_threads: int = field(default=1, metadata={"help": "ONNX Runtime intra-op threads"})
@@ -202,7 +217,15 @@ class Settings:
                 "--tenant-from-cert needs --tls-client-ca",
             ),
             (self.max_sessions_per_tenant >= 0, "--max-sessions-per-tenant must be >= 0"),
-            (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+            (
+                _DEVICE.fullmatch(self.device) is not None,
+                f"--device must be auto, cpu, cuda or cuda:N (got {self.device!r})",
+            ),
+            (
+                _byte_count(self.cuda_mem_limit) is not None,
+                f"--cuda-mem-limit must be a byte count like 8589934592, 8GiB or 512MiB "
+                f"(got {self.cuda_mem_limit!r})",
+            ),
             (self.log_format in ("json", "text"), "--log-format must be json or text"),
         ]
         for ok, message in checks:
@@ -219,6 +242,11 @@ class Settings:
     @property
     def auth_enabled(self) -> bool:
         return bool(self.auth_tokens) or self.tenant_from_cert
+
+    @property
+    def cuda_mem_limit_bytes(self) -> int:
+        """``--cuda-mem-limit`` in bytes (0 = no limit)."""
+        return _byte_count(self.cuda_mem_limit) or 0
 
     @property
     def metrics_bind_host(self) -> str:
@@ -265,6 +293,20 @@ class Settings:
         except ValueError as exc:
             parser.error(str(exc))
             raise  # unreachable: parser.error exits
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
+
+
+def _byte_count(text: str) -> int | None:
+    """``8GiB``, ``512 MiB``, ``1.5GB`` or plain bytes as an int; None if it is none of these."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).lower() not in _UNITS:
+        return None
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def _boolean(text: str) -> bool:

@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
+import ctypes.util
+import logging
+import os
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnx
 import onnx.numpy_helper
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from lstm_stream.v1 import lstm_stream_pb2 as pb
+from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
 from model_export.lstm import Parameters, step
 from model_export.onnx_export import build_model
-from service.runtime import EMBEDDED_SOURCE, ModelContractError, Runtime, load_model_bytes
+from service.runtime import (
+    CPU,
+    EMBEDDED_SOURCE,
+    CudaOptions,
+    DeviceUnavailableError,
+    ModelContractError,
+    Runtime,
+    cuda_provider_options,
+    load_model_bytes,
+    parse_device,
+    probe_cuda,
+    providers_for,
+)
+from tests.conftest import DEVICE, ServerFactory
 
 
 def model_bytes(inputs, outputs, nodes, initializer=()) -> bytes:
@@ -132,3 +156,108 @@ def test_embedded_default() -> None:
     runtime = Runtime(data, source, "cpu")
     runtime.warm_up(64)
     assert runtime.spec.metadata["event_size"] == "32"
+
+
+def test_cpu_and_auto_without_cuda_run_on_the_cpu() -> None:
+    for device in ("cpu", "auto"):
+        runtime = Runtime(identity_model(), "identity.onnx", device)
+        assert (runtime.provider, runtime.device) == ("CPUExecutionProvider", "cpu")
+
+
+@pytest.mark.parametrize(
+    ("device", "kind", "index"),
+    [("auto", "auto", 0), ("cpu", "cpu", 0), ("cuda", "cuda", 0), ("cuda:3", "cuda", 3)],
+)
+def test_parse_device(device: str, kind: str, index: int) -> None:
+    assert parse_device(device) == (kind, index)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:-1", "cuda:x", "cpu:0", "CUDA", "cuda:٣"])
+def test_parse_device_refuses(device: str) -> None:
+    with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N"):
+        parse_device(device)
+
+
+def test_cuda_provider_options_are_set_on_purpose() -> None:
+    with_cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers = providers_for("cuda:1", with_cuda, CudaOptions(mem_limit=8 << 30))
+    assert providers == [
+        (
+            "CUDAExecutionProvider",
+            {
+                "device_id": "1",
+                "use_tf32": "0",
+                "arena_extend_strategy": "kSameAsRequested",
+                "cudnn_conv_algo_search": "HEURISTIC",
+                "enable_cuda_graph": "0",
+                "gpu_mem_limit": str(8 << 30),
+            },
+        ),
+        "CPUExecutionProvider",
+    ]
+    # Defaults: device 0, TF32 off, no memory limit; --cuda-tf32 turns it on.
+    (_, options), _ = providers_for("cuda", with_cuda)  # type: ignore[misc]
+    assert options["device_id"] == "0" and options["use_tf32"] == "0"
+    assert "gpu_mem_limit" not in options
+    assert cuda_provider_options(0, CudaOptions(tf32=True))["use_tf32"] == "1"
+    # auto takes CUDA when the build has it, and only then; cpu never does.
+    assert providers_for("auto", with_cuda)[0][0] == "CUDAExecutionProvider"
+    assert providers_for("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert providers_for("cpu", with_cuda) == ["CPUExecutionProvider"]
+
+
+def test_cuda_without_a_cuda_build_is_an_error_not_a_cpu_run() -> None:
+    with pytest.raises(DeviceUnavailableError) as info:
+        providers_for("cuda:1", ["AzureExecutionProvider", "CPUExecutionProvider"])
+    assert str(info.value).startswith("--device cuda:1: this onnxruntime build has no CUDA")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="checks the failure on a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_lstm_serve_device_cuda_without_cuda_fails_in_one_line(device: str) -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--port", "0", "--metrics-port", "0", "--device", device],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LSTM_LOG_FORMAT": "text"},
+    )
+    assert result.returncode == 1
+    said = [line for line in result.stderr.splitlines() if line.startswith("lstm-serve:")]
+    assert said == [
+        f"lstm-serve: --device {device}: this onnxruntime build has no CUDA execution provider "
+        f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a "
+        "machine with an NVIDIA GPU, or use --device cpu / auto"
+    ]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "listens" not in result.stdout and "gRPC on" not in result.stdout
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="checks the failure on a machine without CUDA")
+def test_probe_names_the_missing_driver() -> None:
+    if ctypes.util.find_library("cuda"):
+        pytest.skip("this machine has an NVIDIA driver")
+    with pytest.raises(DeviceUnavailableError, match=r"^--device cuda:2: no NVIDIA driver"):
+        probe_cuda("cuda:2", 2)
+
+
+async def test_the_provider_in_use_is_in_model_info_and_metrics(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under ``make test-gpu`` (LSTM_TEST_DEVICE=cuda) this shows CUDA on device 0."""
+    provider, device = (
+        ("CUDAExecutionProvider", "cuda:0") if DEVICE.startswith("cuda") else (CPU, "cpu")
+    )
+    with caplog.at_level(logging.INFO):
+        server = await start_server()
+    assert f"provider={provider} device={device}" in caplog.text
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        info = await pb_grpc.LstmStreamStub(channel).GetModelInfo(pb.ModelInfoRequest())
+    assert info.execution_provider == provider
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    (line,) = [x for x in text.splitlines() if x.startswith("lstm_model_info{")]
+    assert f'provider="{provider}"' in line and f'device="{device}"' in line

@@ -24,6 +24,7 @@ def test_defaults() -> None:
 def test_every_field_has_a_flag_and_a_variable() -> None:
     special = {
         "device": "cpu",
+        "cuda_tf32": "yes",
         "log_format": "text",
         "log_level": "DEBUG",
         "host": "::1",
@@ -75,7 +76,12 @@ def test_flags_win_over_environment() -> None:
     ("argv", "env", "message"),
     [
         (["--max-batch", "0"], {}, "--max-batch must be >= 1"),
-        (["--device", "tpu"], {}, "invalid choice: 'tpu'"),
+        (["--device", "tpu"], {}, "--device must be auto, cpu, cuda or cuda:N (got 'tpu')"),
+        (["--device", "cuda:one"], {}, "--device must be auto, cpu, cuda or cuda:N"),
+        ([], {"LSTM_DEVICE": "gpu"}, "--device must be auto, cpu, cuda or cuda:N (got 'gpu')"),
+        (["--cuda-mem-limit", "8 gigs"], {}, "--cuda-mem-limit must be a byte count like"),
+        (["--cuda-mem-limit", "-1"], {}, "--cuda-mem-limit must be a byte count like"),
+        ([], {"LSTM_CUDA_TF32": "maybe"}, "LSTM_CUDA_TF32='maybe' is not a valid bool"),
         ([], {"LSTM_PORT": "eighty"}, "LSTM_PORT='eighty' is not a valid int"),
         (["--session-ttl", "-1"], {}, "--session-ttl must be >= 0"),
         (["--state-store", "postgres://x"], {}, "sqlite:///path/to/state.db or redis://HOST:PORT"),
@@ -91,3 +97,27 @@ def test_bad_values_exit_2_with_a_message(
         Settings.from_args(argv, env=env)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "device", "limit", "tf32"),
+    [
+        ([], {}, "auto", 0, False),
+        (["--device", "cuda:1"], {}, "cuda:1", 0, False),
+        (["--device", "cuda", "--cuda-mem-limit", "8GiB"], {}, "cuda", 8 << 30, False),
+        (
+            [],
+            {"LSTM_DEVICE": "cuda:0", "LSTM_CUDA_MEM_LIMIT": "512MiB"},
+            "cuda:0",
+            512 << 20,
+            False,
+        ),
+        (["--cuda-mem-limit", "1.5GB", "--cuda-tf32"], {}, "auto", 1_500_000_000, True),
+        (["--cuda-mem-limit", "4096"], {"LSTM_CUDA_TF32": "1"}, "auto", 4096, True),
+    ],
+)
+def test_cuda_flags(
+    argv: list[str], env: dict[str, str], device: str, limit: int, tf32: bool
+) -> None:
+    s = Settings.from_args(argv, env=env)
+    assert (s.device, s.cuda_mem_limit_bytes, s.cuda_tf32) == (device, limit, tf32)
