@@ -270,7 +270,7 @@ class Proxy:
         )
         text, n = re.subn(r"(?m)^\s*server-template .*\n", servers, text)
         assert n == 1, "deploy/haproxy/haproxy.cfg has no server-template line"
-        text = re.sub(r"(?ms)^resolvers docker\n.*?(?=^\S|\Z)", "", text)  # no Docker DNS here
+        text = re.sub(r"(?ms)^resolvers \S+\n.*?(?=^\S|\Z)", "", text)  # no DNS here
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config.write_text(text)
 
