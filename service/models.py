@@ -225,10 +225,10 @@ class Registry:
         """Bring a model's versions to what the repository and the policy say; ``again``:
         also try versions whose last load failed on the files they still have."""
         name = entry.name
+        self._forget(name, set(entry.versions))
         for version, reason in entry.missing.items():
             if (name, version) not in self.status or self.status[(name, version)].state != READY:
                 self._set(name, version, UNAVAILABLE, reason)
-        self._forget(name, set(entry.versions))
         stable = {v: self._seen.get((name, v)) == sig for v, sig in entry.signatures.items()}
         self._seen.update({(name, v): sig for v, sig in entry.signatures.items()})
         if entry.problem is not None or entry.config is None:
@@ -262,9 +262,13 @@ class Registry:
                 continue
             signature = entry.signatures.get(version, ())
             failed = self.failed.get((name, version))
-            if failed is not None and failed.settled and failed.signature == signature:
-                if not again:
-                    continue  # the same files fail the same way
+            if (
+                failed is not None
+                and failed.settled
+                and failed.signature == signature
+                and not again
+            ):
+                continue  # the same files fail the same way
             lane = await self._load(
                 name, version, entry.versions[version], config, signature, stable.get(version)
             )

@@ -11,9 +11,11 @@ policy, the idle TTL (``sequence_batching.max_sequence_idle_microseconds``),
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeAlias
 
 from google.protobuf import text_format
 
@@ -22,6 +24,10 @@ from service.core.model import RETIRE_POLICIES, RetirePolicy
 
 CONFIG = "config.pbtxt"
 DEFAULT_FILENAME = "model.onnx"
+
+Signature: TypeAlias = tuple[tuple[str, int, int], ...]
+"""What a version's files are on disk: (path, size, mtime_ns) of each file of its folder
+and of the model's config.pbtxt. A failed version is tried again when this changes."""
 
 
 class ConfigError(ValueError):
@@ -77,6 +83,31 @@ class RepositoryModel:
     """Why the model cannot load at all (its config), or None."""
     missing: dict[int, str] = field(default_factory=dict)
     """Versions whose folder holds no model file, and why."""
+    signatures: dict[int, Signature] = field(default_factory=dict)
+    """Version -> its files as found (empty: nothing on disk to watch, e.g. ``--model``)."""
+
+
+def newest_change_ns(signature: Signature) -> int:
+    """When the newest of a signature's files was last modified (ns since the epoch)."""
+    return max((mtime for _, _, mtime in signature), default=0)
+
+
+def _stat_files(folder: Path, under: str) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every file below ``folder``; a file that vanishes while
+    being read is left out (the next scan sees the folder as it then is)."""
+    found = []
+    for top, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(top, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            found.append(
+                (os.path.join(under, os.path.relpath(path, folder)), st.st_size, st.st_mtime_ns)
+            )
+    return found
 
 
 def parse_config(text: str, name: str, where: str = CONFIG) -> ModelConfig:
@@ -154,8 +185,13 @@ class ModelRepository:
         except (OSError, ConfigError) as exc:
             problem = str(exc)
         filename = config.filename if config is not None else DEFAULT_FILENAME
+        config_files: list[tuple[str, int, int]] = []
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            config_files.append((CONFIG, st.st_size, st.st_mtime_ns))
         versions: dict[int, str | None] = {}
         missing: dict[int, str] = {}
+        signatures: dict[int, Signature] = {}
         for entry in folder.iterdir():
             if not (entry.is_dir() and entry.name.isdigit()):
                 continue
@@ -165,9 +201,10 @@ class ModelRepository:
             file = entry / filename
             if file.is_file():
                 versions[version] = os.fspath(file)
+                signatures[version] = tuple(config_files + _stat_files(entry, entry.name))
             else:
                 missing[version] = f"no {filename} in {name}/{entry.name}"
-        return RepositoryModel(name, config, versions, problem, missing)
+        return RepositoryModel(name, config, versions, problem, missing, signatures)
 
 
 class SingleModel:
