@@ -11,7 +11,7 @@ import onnxruntime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lstm_stream.v1 import lstm_stream_pb2 as pb
-from service.api.codec import encode_results, event_values
+from service.api.codec import StepRequestWire, encode_batch, encode_results, read_step_request
 from service.api.errors import ServiceError, Undecodable, rpc, status_of
 from service.api.security import Authenticator
 from service.api.streams import Streams
@@ -20,6 +20,8 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmStream"].full_name
+READERS = {"StepRequest": read_step_request}
+"""Requests read straight from their bytes rather than parsed into messages."""
 
 
 @dataclass
@@ -57,8 +59,8 @@ class LstmStreamServicer:
 
     @rpc("Step")
     async def Step(
-        self, request: pb.StepRequest, context: grpc.aio.ServicerContext, tenant: str
-    ) -> pb.StepResponse | bytes:
+        self, request: StepRequestWire, context: grpc.aio.ServicerContext, tenant: str
+    ) -> bytes:
         begun = self._begin(request, tenant)  # refused by the engine once it drains
         await begun.job.future
         return self._response(begun)
@@ -76,123 +78,61 @@ class LstmStreamServicer:
             context, lambda request: self._begin(request, tenant), self._response, _refusal
         )
 
-    def _begin(self, request: pb.StepRequest, tenant: str = "") -> _Begun:
+    def _begin(self, request: StepRequestWire | Undecodable, tenant: str = "") -> _Begun:
         """Decode a request and queue its events; ServiceError for a whole-request problem."""
         if isinstance(request, Undecodable):
             raise request.error()
-        columnar = request.HasField("batch")
-        if columnar and len(request.events):
+        if request.mixed:
             raise ServiceError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "a StepRequest carries either events or batch, not both",
             )
-        event_size = self.plane.event_size(request.model)
-        block = (
-            self._decode_batch(request.batch, event_size)
-            if columnar
-            else self._decode_events(request, event_size)
-        )
-        ids = block.session_ids
-        job = self.plane.step(
-            tenant,
-            block,
-            include_state=request.include_state and not columnar,
-            model=request.model,
-            version=request.model_version,
-        )
-        return _Begun(columnar, block, job, ids)
-
-    def _check_count(self, n: int) -> None:
+        n = request.n
         limit = self.settings.max_events_per_request
         if n > limit:
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{n} events in one request; the limit is {limit} (--max-events-per-request)",
             )
-
-    def _decode_events(self, request: pb.StepRequest, e: int) -> EventBlock:
-        events = request.events
-        n = len(events)
-        self._check_count(n)
-        if not n:
-            return EventBlock([], np.zeros((0, e), np.float32))
-        # One pass over the messages; the columns are then built from plain tuples.
-        ids, seq_list, reset_list, lengths = zip(
-            *[(ev.session_id, ev.seq, ev.reset, len(ev.values)) for ev in events]
+        event_size = self.plane.event_size(request.model)
+        if request.columnar:
+            _check_batch(request, n, event_size)
+        values, bad = request.values(event_size)
+        ids = request.session_ids
+        block = EventBlock(ids, values, request.seqs, request.resets, bad)
+        job = self.plane.step(
+            tenant,
+            block,
+            include_state=request.include_state and not request.columnar,
+            model=request.model,
+            version=request.model_version,
         )
-        seqs = np.array(seq_list, np.uint64) if any(seq_list) else None
-        resets = np.array(reset_list, np.bool_) if any(reset_list) else None
-        bad: dict[int, str] | None = None
-        if lengths.count(e) == n:
-            request.DiscardUnknownFields()  # nothing may follow the values (codec.event_values)
-            values = event_values(events, reset_list, e)
-        else:
-            values = np.zeros((n, e), np.float32)
-            bad = {}
-            for i, (ev, length) in enumerate(zip(events, lengths)):
-                if length == e:
-                    values[i] = ev.values
-                else:
-                    bad[i] = f"event has {length} values; the model takes {e}"
-        return EventBlock(ids, values, seqs, resets, bad)
+        return _Begun(request.columnar, block, job, ids)
 
-    def _decode_batch(self, batch: pb.EventBatch, e: int) -> EventBlock:
-        n = len(batch.session_ids)
-        self._check_count(n)
-        problems = []
-        if len(batch.seqs) not in (0, n):
-            problems.append(f"seqs has {len(batch.seqs)} entries; expected 0 or {n}")
-        if len(batch.resets) not in (0, n):
-            problems.append(f"resets has {len(batch.resets)} entries; expected 0 or {n}")
-        if len(batch.values) != n * e * 4:
-            problems.append(
-                f"values has {len(batch.values)} bytes; expected {n} x {e} float32 = {n * e * 4}"
-            )
-        if problems:
-            raise ServiceError(
-                grpc.StatusCode.INVALID_ARGUMENT, "malformed batch: " + "; ".join(problems)
-            )
-        values = np.frombuffer(batch.values, dtype="<f4").reshape(n, e)
-        seqs = np.array(batch.seqs, np.uint64) if len(batch.seqs) else None
-        resets = np.array(batch.resets, np.bool_) if len(batch.resets) else None
-        # One str per id, made once: the table keeps these very objects for new sessions.
-        return EventBlock(list(batch.session_ids), values, seqs, resets)
-
-    def _response(self, begun: _Begun) -> pb.StepResponse | bytes:
-        """The answer to a request: a message (columnar) or its bytes (per-event form)."""
+    def _response(self, begun: _Begun) -> bytes:
+        """The answer to a request, as the bytes of its ``StepResponse``."""
         job = begun.job
         if begun.columnar:
-            errors = job.errors
-            return pb.StepResponse(
-                batch=pb.ResultBatch(
-                    steps=job.steps.tolist(),
-                    outputs=job.outputs.astype("<f4", copy=False).tobytes(),
-                    codes=job.codes.tolist(),
-                    duplicates=job.duplicates.tolist(),
-                    errors=[errors.get(i, "") for i in range(job.n)] if errors else [""] * job.n,
-                    model_versions=job.versions.tolist(),
-                )
+            return encode_batch(
+                job.steps,
+                job.outputs,
+                job.codes,
+                job.duplicates.view(np.uint8),
+                job.errors,
+                job.versions,
             )
-        block = begun.block
-        seqs = block.seqs.tolist() if block.seqs is not None else [0] * job.n
+        seqs = begun.block.seqs
         failed = {i: (int(job.codes[i]), message) for i, message in job.errors.items()}
-        hidden = cell = None
-        others: list[tuple[str, np.ndarray]] = []
-        if job.states is not None:
-            named = dict(zip(job.state_names, job.states))
-            hidden, cell = named.pop("hidden", None), named.pop("cell", None)
-            others = list(named.items())
+        states = list(zip(job.state_names, job.states)) if job.states is not None else []
         return encode_results(
             begun.ids,
             seqs,
-            job.steps.tolist(),
+            job.steps,
             job.outputs,
-            job.duplicates.tolist(),
+            job.duplicates.view(np.uint8),
             failed,
-            hidden,
-            cell,
-            others,
-            job.versions.tolist(),
+            states,
+            job.versions,
         )
 
     # -- session RPCs ------------------------------------------------------------------
@@ -352,6 +292,24 @@ class LstmStreamServicer:
                 for s in statuses
             ],
             default_model=self.plane.default_model,
+        )
+
+
+def _check_batch(request: StepRequestWire, n: int, e: int) -> None:
+    """A columnar batch whose lengths disagree is refused whole."""
+    problems = []
+    if request.n_seqs not in (0, n):
+        problems.append(f"seqs has {request.n_seqs} entries; expected 0 or {n}")
+    if request.n_resets not in (0, n):
+        problems.append(f"resets has {request.n_resets} entries; expected 0 or {n}")
+    got = request.values_bytes
+    if got != n * e * 4:
+        # Counted in values, as the per-event form counts them; bytes only when not whole.
+        held = f"{got // 4} values" if got % 4 == 0 else f"{got} bytes, not whole float32 values,"
+        problems.append(f"values holds {held} where {n} x {e} = {n * e} are expected")
+    if problems:
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT, "malformed batch: " + "; ".join(problems)
         )
 
 

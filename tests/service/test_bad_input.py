@@ -101,7 +101,7 @@ def malformed_batches() -> dict[str, tuple[pb.StepRequest, str]]:
     r = pb.StepRequest()
     r.CopyFrom(good)
     r.batch.values = r.batch.values[:-4]
-    cases["short values"] = (r, "values has 252 bytes; expected 2 x 32 float32 = 256")
+    cases["short values"] = (r, "values holds 63 values where 2 x 32 = 64 are expected")
     r = pb.StepRequest()
     r.CopyFrom(good)
     r.batch.seqs.append(9)

@@ -1,0 +1,28 @@
+"""The compiled hot path: Cython modules built with the package (the rest is in pyproject.toml).
+
+Directives are set here once for every module. ``LSTM_CYTHON_CHECKS=1`` turns on bounds
+and wraparound checks for debugging (slower; never for a release build).
+"""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+CHECKS = os.environ.get("LSTM_CYTHON_CHECKS") == "1"
+DIRECTIVES = {
+    "language_level": 3,
+    "boundscheck": CHECKS,
+    "wraparound": CHECKS,
+    "initializedcheck": CHECKS,
+    "cdivision": True,
+    "embedsignature": True,
+}
+MODULES = ["service/api/codec.pyx"]
+
+setup(
+    ext_modules=cythonize(
+        [Extension(path[:-4].replace("/", "."), [path]) for path in MODULES],
+        compiler_directives=DIRECTIVES,
+    )
+)
