@@ -76,10 +76,17 @@ def kubernetes_schema(directory: Path, stem: str) -> dict[str, Any]:
     return schema
 
 
+def _go_pattern(pattern: str) -> str:
+    """The API server's patterns are Go regular expressions; Python wants ``(?i)`` first."""
+    return "(?i)^" + pattern[len("^(?i)") :] if pattern.startswith("^(?i)") else pattern
+
+
 def _strict(node: Any) -> Any:
     """Objects with properties refuse unknown fields unless told to keep them."""
     if isinstance(node, dict):
         out = {k: _strict(v) for k, v in node.items() if k != "description"}
+        if isinstance(out.get("pattern"), str):
+            out["pattern"] = _go_pattern(out["pattern"])
         if (
             "properties" in out
             and "additionalProperties" not in out
