@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import gc
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -38,7 +41,7 @@ from service.core.engine import Engine
 from service.dataplane import DataPlane
 from service.metrics import Metrics
 from service.models import LoadSettings, Registry
-from service.repository import ModelRepository, SingleModel
+from service.repository import ConfigError, ModelRepository, SingleModel
 from service.runtime import CudaOptions, DeviceUnavailableError, ModelContractError
 from service.settings import Settings
 from service.state.cache import StoreAccess
@@ -77,6 +80,8 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._served = False
+        """Whether the start finished: a start that failed closes without "draining"."""
 
     async def start(self) -> None:
         """Bind the ports, load and warm up the model, then report SERVING."""
@@ -104,6 +109,10 @@ class Server:
         self._oip = InferenceServicer(s, self.metrics, self.plane, self.auth)
         register(self._oip, self._grpc, oip_pb, "GRPCInferenceService")
         address = f"{_bracket(s.host)}:{s.port}"
+        # Asked first: grpc would also print its own error line for a port in use.
+        problem = _cannot_bind(s.host, s.port)
+        if problem is not None:
+            raise OSError(f"cannot listen for gRPC on {address}: {problem}")
         try:
             if s.tls_cert:
                 self.tls = TlsFiles(s.tls_cert, s.tls_key, s.tls_client_ca or None)
@@ -123,9 +132,14 @@ class Server:
             )
         except OSError as exc:
             where = f"{_bracket(s.metrics_bind_host)}:{s.metrics_port}"
+            change = (
+                "--metrics-port (or LSTM_METRICS_PORT; 0 picks a free one)"
+                if exc.errno == errno.EADDRINUSE
+                else "--metrics-host (or LSTM_METRICS_HOST)"
+            )
             raise OSError(
                 f"cannot serve metrics on {where}: {exc.strerror or exc}; pick another with "
-                "--metrics-port (or LSTM_METRICS_PORT; 0 picks a free one)"
+                f"{change}"
             ) from exc
         self._metrics_http = (httpd, thread)
         self.metrics_port = httpd.server_port
@@ -136,6 +150,8 @@ class Server:
         s = self.settings
         assert self._servicer is not None
         loop = asyncio.get_running_loop()
+        if s.model_repository and not os.path.isdir(s.model_repository):
+            raise ConfigError(f"--model-repository {s.model_repository}: no such directory")
         self.store = open_store(s.state_store, s.store_sync, s.store_timeout, s.store_ttl)
         await loop.run_in_executor(None, self.store.open, s.store_reset, s.model_name)
         access = self._store_access = StoreAccess(self.store, self.metrics)
@@ -167,13 +183,17 @@ class Server:
                 CudaOptions(s.cuda_mem_limit_bytes, s.cuda_tf32),
             ),
             s.model_name,
+            poll_s=s.repository_poll_secs
+            if s.model_repository and s.model_control == "poll"
+            else None,
+            # One model file that cannot load fails the start, which says why (serve()).
+            log_failures=bool(s.model_repository),
         )
         self.engine.start()
         await self.registry.sync(self._models_at_start())
         if not self.engine.models and not s.model_repository:
-            # One model and it cannot serve: the start fails, with the reason.
-            reasons = [v.reason for v in self.registry.index() if v.reason]
-            raise ModelContractError(reasons[0] if reasons else "the model did not load")
+            error = self.registry.load_error(s.model_name, 1)
+            raise ModelContractError(error or "the model did not load")
         self.plane.attach(self.engine, self.registry)
         engine = self.engine
         self.metrics.track_live_sessions(
@@ -203,6 +223,7 @@ class Server:
             ", ".join(ready) or "none",
             self.store.url,
         )
+        self._served = True
 
     def _models_at_start(self) -> list[str] | None:
         """Which models load at start (None: every model of the repository)."""
@@ -219,7 +240,8 @@ class Server:
         self._stopping = True
         self.plane.close()
         grace = self.settings.grace if grace is None else grace
-        log.info("draining (grace %.1fs)", grace)
+        if self._served:
+            log.info("draining (grace %.1fs)", grace)
         await self._set_health(NOT_SERVING)
         for task in self._tasks:
             task.cancel()
@@ -248,7 +270,8 @@ class Server:
             httpd.shutdown()
             httpd.server_close()
             thread.join(timeout=5)
-        log.info("stopped")
+        if self._served:
+            log.info("stopped")
         self._stopped.set()
 
     @staticmethod
@@ -339,6 +362,36 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def _cannot_bind(host: str, port: int) -> str | None:
+    """Why gRPC could not listen on ``host:port`` and the flag to change, or None.
+
+    Tried with a throwaway socket set up as grpc sets up its own, because grpc, failing,
+    prints a line of its own before ours.
+    """
+    try:
+        found = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r} ({exc.strerror}); pick another with --host"
+    problems = []
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return (
+                        "the address is in use; pick another with --port (or LSTM_PORT; "
+                        "0 picks a free one)"
+                    )
+                problems.append(exc.strerror or str(exc))
+    if problems and len(problems) == len(found):  # grpc listens if one address binds
+        return f"{problems[0]}; pick another with --host (or LSTM_HOST)"
+    return None
+
+
 async def serve(settings: Settings) -> int:
     server = Server(settings)
     loop = asyncio.get_running_loop()
@@ -350,12 +403,13 @@ async def serve(settings: Settings) -> int:
     except (
         SecurityConfigError,
         ModelContractError,
+        ConfigError,
         DeviceUnavailableError,
         OSError,
         StoreError,
         StoreMismatchError,
     ) as exc:
-        log.error("cannot start: %s", exc)
+        # The one line a failed start prints; nothing else was logged about it.
         print(f"lstm-serve: {exc}", file=sys.stderr, flush=True)
         await server.stop(0)
         return 1

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from service.store import check_url
 
@@ -227,6 +228,10 @@ class Settings:
                 f"(got {self.cuda_mem_limit!r})",
             ),
             (self.log_format in ("json", "text"), "--log-format must be json or text"),
+            (
+                self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+                f"--log-level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level!r})",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -258,9 +263,10 @@ class Settings:
     def from_args(
         cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     ) -> Settings:
-        """Parse flags over ``LSTM_*`` variables over defaults; exits 2 with usage on bad input."""
+        """Parse flags over ``LSTM_*`` variables over defaults; bad input exits 2 with one
+        line (``--help`` has the usage)."""
         env = os.environ if env is None else env
-        parser = argparse.ArgumentParser(
+        parser = _OneLineParser(
             prog="lstm-serve",
             allow_abbrev=False,
             description="Serve a stateful LSTM step model over gRPC. Every flag is also an "
@@ -285,6 +291,7 @@ class Settings:
                 help=f"{f.metadata['help']} [env {var}; default {f.default!r}]",
                 **extra,
             )
+        parser.flags = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)]
         values = vars(parser.parse_args(argv))
         if values.get("model") == "":
             values["model"] = None
@@ -307,6 +314,23 @@ def _byte_count(text: str) -> int | None:
     if match is None or match.group(2).lower() not in _UNITS:
         return None
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line: the problem, the flag meant where a flag was mistyped,
+    and where the usage is (argparse's own usage block lists every flag: 25 lines)."""
+
+    flags: list[str] = []
+
+    def error(self, message: str) -> NoReturn:
+        hint = ""
+        if "unrecognized arguments" in message:
+            typed = [word.split("=")[0] for word in message.split() if word.startswith("--")]
+            near = [difflib.get_close_matches(word, self.flags, n=1) for word in typed]
+            meant = [match[0] for match in near if match]
+            if meant:
+                hint = f"; did you mean {' / '.join(meant)}?"
+        self.exit(2, f"{self.prog}: error: {message}{hint} (--help lists every flag)\n")
 
 
 def _boolean(text: str) -> bool:
