@@ -1,14 +1,17 @@
 """lstm-client: stream events from a file or stdin to lstm-serve; sessions, model, health.
 
-Input of stream: JSONL, one {"session_id": "...", "values": [...], "reset": false}
-per line, or CSV, one session_id,v1,...,vE per line. A CSV file's first line is
-skipped as a header when its second field is not a number (or it has one field).
-Output: one JSON object per input line (line, session_id, and step, duplicate,
-output and the model_version that answered, or error).
+Input of stream: JSONL or CSV (see `lstm-client stream --help`). A CSV file's first
+line is skipped as a header when its second field is not a number (or it has one
+field). Output: one JSON object per input line (line, session_id, and step, seq,
+duplicate, output and the model_version that answered, or error).
 
-While the server cannot be reached (or answers UNAVAILABLE), calls are retried for
---retry-for seconds (30 for stream, 5 for the other commands), with a line on
-stderr when retrying starts. Global options may come before or after the command.
+--address is HOST:PORT (an address without a port is refused). A server that has
+never answered gets 2 s to answer (a refused connection, a name that does not
+resolve: "cannot reach HOST:PORT (connection refused)", exit 3); given --retry-for,
+it gets that long instead. A server that answered and then went away (a restart,
+a drain) is retried for --retry-for seconds (30 for stream, 5 for the other
+commands), with a line on stderr when retrying starts. Global options may come
+before or after the command.
 
 Exit codes: 0 everything answered; 1 some lines were bad or refused (each is
 reported on stderr with its line number and in the output); 2 usage; 3 the
@@ -24,18 +27,48 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import IO, Any
 
 import grpc
 import numpy as np
 
-from lstm_stream.client import Client, LstmError
+from lstm_stream.client import MAX_SEQ, Client, LstmError, unreachable_reason
 
 EXIT_OK, EXIT_BAD_LINES, EXIT_USAGE, EXIT_SERVER = 0, 1, 2, 3
 PROG = "lstm-client"
 RETRY_FOR = {"stream": 30.0}
 """--retry-for when not given: streams ride out a restart; one-shot commands fail fast."""
 RETRY_FOR_ONE_SHOT = 5.0
+CONNECT_TIMEOUT = 2.0
+"""How long a server that never answered gets, unless --retry-for is given: a wrong
+address fails fast, a restart mid-stream is still waited for."""
+KEYS = ("session_id", "values", "seq", "reset")
+"""The keys of a JSONL line; any other refuses the line (a typo must not pass silently)."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+INPUT_FORMAT = """\
+input, JSONL: one object per line, e.g.
+  {"session_id": "dev-1", "values": [0.5, -1.25, ...], "seq": 7, "reset": false}
+  session_id (a non-empty string) and values (the model's event_size numbers, each
+  within float32's range) are required; seq and reset are optional; any other key
+  refuses the line.
+  seq (1 to 2^64-1): the event is applied only if seq exceeds the session's last
+  applied seq; otherwise it comes back "duplicate": true and changes nothing.
+  Without seq the client numbers the event: one more than the highest seq of its
+  session so far (the server's last_seq, read once, then every seq sent), so lines
+  with and without seq may mix in a session and no event is applied twice. Give
+  every line a seq to make a file safe to run again after a failure: what was
+  applied comes back duplicate, the rest is applied.
+  reset (true/false): start the session from zero state before this event.
+input, CSV: session_id,v1,...,vE per line. A first line whose second field is not
+  a number is a header; a header may name a "seq" and a "reset" column (after the
+  first), read as in JSONL (reset: true/false/1/0; an empty cell: none); every
+  other column is a value, in order.
+output: one JSON object per input line: line, session_id, and step, seq, duplicate,
+  output, model_version (the version that answered), or error.
+On a terminal, stdin is read until Ctrl-D.
+"""
 
 
 def complain(message: str) -> None:
@@ -75,51 +108,137 @@ class Progress:
             print(file=sys.stderr)
 
 
-def parse_line(text: str, fmt: str, event_size: int) -> tuple[str, list[float], bool]:
-    """One input line as (session_id, values, reset); LineError with the reason."""
-    if fmt == "jsonl":
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LineError(f"not JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise LineError("not a JSON object")
-        session_id, values = record.get("session_id"), record.get("values")
-        reset = record.get("reset", False)
-        if not isinstance(session_id, str) or not session_id:
-            sid = session_id if isinstance(session_id, str) else None
-            raise LineError("'session_id' must be a non-empty string", sid)
-        if not isinstance(values, list):
-            raise LineError("'values' must be a list of numbers", session_id)
-        if not isinstance(reset, bool):
-            raise LineError("'reset' must be true or false", session_id)
-    else:
-        row = next(csv.reader([text]))
-        if len(row) < 2:
-            raise LineError("expected session_id,v1,...,vE", row[0] if row else None)
-        session_id, values, reset = row[0], row[1:], False
+@dataclass
+class Line:
+    """One good input line: an event to send."""
+
+    session_id: str
+    values: list[float]
+    reset: bool = False
+    seq: int = 0
+    """0: the client numbers it."""
+
+
+@dataclass
+class CsvColumns:
+    """Where a CSV row keeps its seq and reset (named by the header) and its values."""
+
+    seq: int | None = None
+    reset: int | None = None
+    width: int | None = None
+    """The header's number of columns, when it names seq or reset (rows must match)."""
+
+    @classmethod
+    def of(cls, header: list[str]) -> CsvColumns:
+        names = [name.strip() for name in header]
+        seq = names.index("seq", 1) if "seq" in names[1:] else None
+        reset = names.index("reset", 1) if "reset" in names[1:] else None
+        named = seq is not None or reset is not None
+        return cls(seq, reset, len(names) if named else None)
+
+
+def parse_line(text: str, fmt: str, event_size: int, columns: CsvColumns | None = None) -> Line:
+    """One input line as an event; LineError with the reason."""
+    line = parse_jsonl(text) if fmt == "jsonl" else parse_csv(text, columns or CsvColumns())
+    if len(line.values) != event_size:
+        raise LineError(f"{len(line.values)} values; the model takes {event_size}", line.session_id)
+    return line
+
+
+def parse_jsonl(text: str) -> Line:
     try:
-        floats = [float(v) for v in values]
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LineError(f"not JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise LineError("not a JSON object")
+    session_id = record.get("session_id")
+    if not isinstance(session_id, str) or not session_id:
+        sid = session_id if isinstance(session_id, str) else None
+        raise LineError("'session_id' must be a non-empty string", sid)
+    unknown = [key for key in record if key not in KEYS]
+    if unknown:
+        raise LineError(
+            f"unknown key {unknown[0]!r} (a line has session_id, values, and optionally "
+            "seq and reset)",
+            session_id,
+        )
+    values, reset, seq = record.get("values"), record.get("reset", False), record.get("seq")
+    if not isinstance(values, list):
+        raise LineError("'values' must be a list of numbers", session_id)
+    if not isinstance(reset, bool):
+        raise LineError("'reset' must be true or false", session_id)
+    return Line(session_id, floats(values, session_id), reset, parse_seq(seq, session_id))
+
+
+def parse_csv(text: str, columns: CsvColumns) -> Line:
+    row = next(csv.reader([text]))
+    if len(row) < 2:
+        raise LineError("expected session_id,v1,...,vE", row[0] if row else None)
+    session_id = row[0]
+    if columns.width is not None and len(row) != columns.width:
+        raise LineError(f"{len(row)} columns; the header has {columns.width}", session_id)
+    named = {columns.seq, columns.reset}
+    values = [v for i, v in enumerate(row) if i and i not in named]
+    seq = reset = ""
+    if columns.seq is not None:
+        seq = row[columns.seq].strip()
+    if columns.reset is not None:
+        reset = row[columns.reset].strip().lower()
+    if reset not in ("", "true", "false", "1", "0"):
+        raise LineError("'reset' must be true, false, 1, 0 or empty", session_id)
+    if seq and not seq.isdigit():
+        raise LineError(f"'seq' must be a whole number from 1 to 2^64-1; got {seq!r}", session_id)
+    return Line(
+        session_id,
+        floats(values, session_id),
+        reset in ("true", "1"),
+        parse_seq(int(seq) if seq else None, session_id),
+    )
+
+
+def parse_seq(seq: Any, session_id: str) -> int:
+    """A line's seq: None (absent) is 0, the client's to number; else 1..2^64-1."""
+    if seq is None:
+        return 0
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 < seq <= MAX_SEQ:
+        raise LineError(
+            f"'seq' must be a whole number from 1 to 2^64-1 (or left out); got {seq!r}",
+            session_id,
+        )
+    return seq
+
+
+def floats(values: list[Any], session_id: str) -> list[float]:
+    """The line's values as floats that fit float32 (checked here: numpy would only warn)."""
+    try:
+        out = [float(v) for v in values]
+    except OverflowError:  # an integer beyond any float
+        raise LineError("values out of float32 range", session_id) from None
     except (TypeError, ValueError):
         raise LineError("values must be numbers", session_id) from None
-    if len(floats) != event_size:
-        raise LineError(f"{len(floats)} values; the model takes {event_size}", session_id)
-    if not all(math.isfinite(v) for v in floats):
-        raise LineError("values contain NaN or Inf", session_id)
-    return session_id, floats, reset
+    if any(math.isnan(v) for v in out):
+        raise LineError("values contain NaN", session_id)
+    big = next((v for v in out if abs(v) > FLOAT32_MAX), None)
+    if big is not None:
+        raise LineError(f"values out of float32 range ({big:g})", session_id)
+    return out
 
 
-def read_lines(source: IO[str], fmt: str) -> Iterator[tuple[int, str]]:
-    """Non-blank lines with their numbers; a CSV header (see the module's doc) is skipped."""
+def read_lines(source: IO[str], fmt: str, columns: CsvColumns) -> Iterator[tuple[int, str]]:
+    """Non-blank lines with their numbers; a CSV header (see the module's doc) is skipped
+    and what it names is set in ``columns``."""
     for number, line in enumerate(source, 1):
         text = line.strip()
         if not text:
             continue
         if fmt == "csv" and number == 1:
-            first = text.split(",")
+            first = next(csv.reader([text]))
             try:
                 float(first[1] if len(first) > 1 else "x")
             except ValueError:
+                named = CsvColumns.of(first)
+                columns.seq, columns.reset, columns.width = named.seq, named.reset, named.width
                 continue  # a header row
         yield number, text
 
@@ -132,17 +251,21 @@ def stream_command(client: Client, args: argparse.Namespace) -> int:
     if fmt == "auto":
         fmt = "csv" if args.input.endswith(".csv") else "jsonl"
     progress = Progress(args.progress if args.progress is not None else sys.stderr.isatty())
+    if source is sys.stdin and source.isatty():
+        # Otherwise a terminal just sits there, and looks like a hang.
+        complain(f"reading events from stdin ({fmt.upper()}, one per line); Ctrl-D ends")
     # The request iterator runs in gRPC's thread: each side counts its own problems.
     unparsable = [0]
     refused = [0]
     chunks: list[list[tuple[int, Any]]] = []
+    columns = CsvColumns()
 
-    def batches() -> Iterator[tuple[Sequence[str], np.ndarray, list[bool]]]:
-        """Good lines as (ids, values, resets) batches; every chunk (bad lines too) kept."""
+    def batches() -> Iterator[tuple[Sequence[str], np.ndarray, list[bool], list[int]]]:
+        """Good lines as (ids, values, resets, seqs) batches; every chunk (bad lines too) kept."""
         chunk: list[tuple[int, Any]] = []
-        for number, text in read_lines(source, fmt):
+        for number, text in read_lines(source, fmt, columns):
             try:
-                chunk.append((number, parse_line(text, fmt, event_size)))
+                chunk.append((number, parse_line(text, fmt, event_size, columns)))
             except LineError as exc:
                 unparsable[0] += 1
                 complain(f"line {number}: {exc}")
@@ -155,12 +278,17 @@ def stream_command(client: Client, args: argparse.Namespace) -> int:
 
     def emit(
         chunk: list[tuple[int, Any]],
-    ) -> Iterator[tuple[Sequence[str], np.ndarray, list[bool]]]:
+    ) -> Iterator[tuple[Sequence[str], np.ndarray, list[bool], list[int]]]:
         chunks.append(chunk)  # before the request goes: its results find it first in line
-        good = [p for _, p in chunk if not isinstance(p, LineError)]
+        good: list[Line] = [p for _, p in chunk if not isinstance(p, LineError)]
         if good:
-            values = np.array([p[1] for p in good], np.float32)
-            yield [p[0] for p in good], values, [p[2] for p in good]
+            values = np.array([p.values for p in good], np.float32)
+            yield (
+                [p.session_id for p in good],
+                values,
+                [p.reset for p in good],
+                [p.seq for p in good],
+            )
 
     def write(chunk: list[tuple[int, Any]], results: Any) -> None:
         k = 0
@@ -173,17 +301,17 @@ def stream_command(client: Client, args: argparse.Namespace) -> int:
                 out.write(json.dumps(bad) + "\n")
                 continue
             code = int(results.codes[k])
-            record: dict[str, Any] = {"line": number, "session_id": parsed[0]}
+            record: dict[str, Any] = {"line": number, "session_id": parsed.session_id}
             if code:
                 refused[0] += 1
                 record["error"] = results.errors[k]
                 complain(f"line {number}: refused: {results.errors[k]}")
             else:
                 record["step"] = int(results.steps[k])
+                record["seq"] = int(results.seqs[k])
                 record["duplicate"] = bool(results.duplicates[k])
                 record["output"] = results.outputs[k].tolist()
-                if results.versions is not None:
-                    record["model_version"] = int(results.versions[k])
+                record["model_version"] = int(results.versions[k])
             out.write(json.dumps(record) + "\n")
             k += 1
         progress.add(k)
@@ -244,9 +372,10 @@ def _fields(message: Any) -> dict[str, Any]:
     return record
 
 
-def health_command(client: Client, retry_for: float, on_retry: Any) -> int:
-    """The server's health; retried like the other calls while the server cannot be reached."""
-    deadline = time.monotonic() + retry_for
+def health_command(client: Client, wait: float, announce: bool, on_retry: Any) -> int:
+    """The server's health; retried for ``wait`` seconds while the server cannot be reached."""
+    client.core.check_name()
+    deadline = time.monotonic() + wait
     retried = False
     while True:
         status = client.health()
@@ -255,10 +384,11 @@ def health_command(client: Client, retry_for: float, on_retry: Any) -> int:
         if not details:
             print(status)
             return EXIT_OK if status == "SERVING" else EXIT_SERVER
+        reason = unreachable_reason(details) if code == "UNAVAILABLE" else None
         if code != "UNAVAILABLE" or time.monotonic() + 0.2 > deadline:
-            complain(status)
+            complain(f"cannot reach {client.core.address} ({reason})" if reason else status)
             return EXIT_SERVER
-        if not retried:
+        if announce and not retried:
             retried = True
             on_retry(grpc.StatusCode.UNAVAILABLE, details)
         time.sleep(0.2)
@@ -300,7 +430,8 @@ def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
         type=float,
         default=None if top else argparse.SUPPRESS,
         shown=f"{RETRY_FOR['stream']:g} for stream, {RETRY_FOR_ONE_SHOT:g} for the others",
-        help="seconds to keep retrying while the server cannot be reached",
+        help="seconds to keep retrying while a server that answered cannot be reached; "
+        f"a server that never answered fails after {CONNECT_TIMEOUT:g}s unless this is given",
     )
 
 
@@ -314,12 +445,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help, allow_abbrev=False)
+    def command(name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
+        )
         add_global_options(sub, top=False)
         return sub
 
-    stream = command("stream", "send events, write results as JSONL")
+    stream = command("stream", "send events, write results as JSONL", INPUT_FORMAT)
     add_option(stream, "input", nargs="?", default="-", help="JSONL or CSV file; - for stdin")
     add_option(
         stream,
@@ -353,30 +491,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "stream" and args.batch < 1:
         parser.error("--batch must be >= 1")
     retry_for = args.retry_for
+    # Given --retry-for, a server not up yet is waited for as long; else a wrong
+    # address fails in CONNECT_TIMEOUT.
+    connect_timeout = None if retry_for is not None else CONNECT_TIMEOUT
     if retry_for is None:
         retry_for = RETRY_FOR.get(args.command, RETRY_FOR_ONE_SHOT)
 
     def on_retry(code: grpc.StatusCode, details: str) -> None:
+        reason = unreachable_reason(details) or f"{code.name}: {details}"
         complain(
-            f"cannot reach {args.address} ({code.name}: {details}); "
-            f"retrying for up to {retry_for:g}s (--retry-for)"
+            f"cannot reach {args.address} ({reason}); retrying for up to {retry_for:g}s "
+            "(--retry-for)"
         )
 
-    client = Client(
-        args.address,
-        token=args.token,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        retry_for=retry_for,
-        on_retry=on_retry,
-        model=args.model,
-    )
+    try:
+        client = Client(
+            args.address,
+            token=args.token,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            retry_for=retry_for,
+            on_retry=on_retry,
+            model=args.model,
+            connect_timeout=connect_timeout,
+        )
+    except (ValueError, OSError) as exc:  # the address, a TLS file
+        complain(str(exc))
+        return EXIT_USAGE
     try:
         if args.command == "stream":
             return stream_command(client, args)
         if args.command == "health":
-            return health_command(client, retry_for, on_retry)
+            wait = retry_for if connect_timeout is None else connect_timeout
+            return health_command(client, wait, connect_timeout is None, on_retry)
         if args.command == "info":
             print(info_json(client.model_info()))
             return EXIT_OK

@@ -4,10 +4,24 @@ Events go as numpy rows in the columnar form (one buffer per request) and come
 back as numpy. With ``exactly_once`` (the default) every event gets the next
 ``seq`` of its session, starting after the ``last_seq`` the server holds, so a
 call retried after a reconnect is applied once: what was applied comes back
-``duplicate``. Calls are retried on ``UNAVAILABLE`` (a restart, a drain) for up
-to ``retry_for`` seconds; a stream is reopened and its unanswered requests re-sent.
-``on_retry(code, details)``, when given, is called each time a call or a stream starts
-retrying (once per outage, not per attempt).
+``duplicate``. An event may bring its own seq (``seqs``; 0 = number it for me): it
+is sent as it is, and the session's numbering continues after the highest seq sent
+so far, so explicit and automatic seqs mixed in one session never apply an event
+twice (an explicit seq at or below one already applied comes back ``duplicate``).
+
+Calls are retried on ``UNAVAILABLE`` (a restart, a drain) for up to ``retry_for``
+seconds; a stream is reopened and its unanswered requests re-sent. A server that
+has not answered once yet gets ``connect_timeout`` instead, when given: a wrong
+address fails in that time, a server that went away is waited for. Giving up on a
+server that cannot be reached raises ``Unreachable`` ("cannot reach HOST:PORT
+(connection refused)"). ``on_retry(code, details)``, when given, is called each
+time a call or a stream starts retrying for ``retry_for`` (once per outage, not per
+attempt; the connect timeout is not announced).
+
+An address is ``HOST:PORT`` (``[V6]:PORT``) or a gRPC target with a scheme
+(``unix:PATH``, ``dns:///HOST:PORT``...); one without a port is refused
+(``ValueError``) rather than meaning gRPC's 443. A name under ``.invalid`` never
+resolves (RFC 6761) and fails at once, without a lookup.
 
 Calls for one session carry an ``x-session-id`` header, so a proxy hashing on it
 (deploy/haproxy/haproxy.cfg) routes a session to the replica that holds it;
@@ -33,14 +47,39 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
 
-Batch = tuple[Sequence[str], np.ndarray] | tuple[Sequence[str], np.ndarray, Sequence[bool]]
-"""``(session_ids, values [n, E])``, optionally with ``resets``."""
+Batch = (
+    tuple[Sequence[str], np.ndarray]
+    | tuple[Sequence[str], np.ndarray, Sequence[bool] | None]
+    | tuple[Sequence[str], np.ndarray, Sequence[bool] | None, Sequence[int] | None]
+)
+"""``(session_ids, values [n, E])``, optionally with ``resets`` and ``seqs`` (either None)."""
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 """Codes after which a call is sent again (gRPC's own INTERNAL race at a restart too).
 These calls never cancel themselves: CANCELLED is a proxy dropping the call's stream
 because its replica went away."""
 SESSION_HEADER = "x-session-id"
+MAX_SEQ = (1 << 64) - 1
+SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock")
+"""gRPC target schemes: such an address goes to gRPC as it is, unchecked."""
+REASONS = (
+    ("connection refused", "connection refused"),
+    ("dns resolution failed", "name does not resolve"),
+    ("errors resolving", "name does not resolve"),
+    ("lookup failed", "name does not resolve"),
+    ("domain name not found", "name does not resolve"),
+    ("name or service not known", "name does not resolve"),
+    ("no route to host", "no route to host"),
+    ("network is unreachable", "network unreachable"),
+    ("connection reset", "connection reset"),
+    ("timeout", "timed out"),
+    ("timed out", "timed out"),
+    ("deadline", "timed out"),
+    ("handshake", "TLS handshake failed"),
+    ("failed to connect", "cannot connect"),
+)
+"""gRPC's transport errors (lower-cased fragments of its details) in words; anything
+else with UNAVAILABLE came from a server that was reached."""
 
 RetryHook = Callable[[grpc.StatusCode, str], None]
 """``on_retry(code, details)``: a call or stream failed with a retryable status and is
@@ -65,6 +104,39 @@ def rendezvous(session_id: str, addresses: Sequence[str]) -> int:
     return max(range(len(addresses)), key=weights.__getitem__)
 
 
+def check_address(address: str) -> str | None:
+    """The host of ``HOST:PORT`` (None for a target with a scheme); ValueError without a port."""
+    scheme, colon, _ = address.partition(":")
+    if colon and scheme.lower() in SCHEMES:
+        return None
+    if address.startswith("["):
+        host, bracket, rest = address[1:].partition("]")
+        port = rest[1:] if bracket and rest.startswith(":") else ""
+    elif address.count(":") > 1:
+        raise ValueError(f"address {address!r}: write an IPv6 address as [ADDRESS]:PORT")
+    else:
+        host, _, port = address.partition(":")
+    if not port:
+        raise ValueError(
+            f"address {address!r} has no port: give HOST:PORT (lstm-serve listens on 50051)"
+        )
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address {address!r}: the port must be a number from 1 to 65535")
+    return host
+
+
+def never_resolves(host: str | None) -> bool:
+    """RFC 6761: resolvers answer names under ``.invalid`` negatively at once, so do we."""
+    name = (host or "").lower().rstrip(".")
+    return name == "invalid" or name.endswith(".invalid")
+
+
+def unreachable_reason(details: str) -> str | None:
+    """gRPC's details of a call that never got to a server, in words; None otherwise."""
+    lowered = details.lower()
+    return next((words for fragment, words in REASONS if fragment in lowered), None)
+
+
 class LstmError(Exception):
     """A call failed for good: the server's status code and message."""
 
@@ -72,6 +144,19 @@ class LstmError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+
+
+class Unreachable(LstmError):
+    """No server answered at the address: ``str()`` is "cannot reach HOST:PORT (reason)".
+
+    ``code`` is UNAVAILABLE, ``message`` gRPC's own details, ``reason`` the words.
+    """
+
+    def __init__(self, address: str, reason: str, details: str = ""):
+        super().__init__(grpc.StatusCode.UNAVAILABLE, details or reason)
+        self.args = (f"cannot reach {address} ({reason})",)
+        self.address = address
+        self.reason = reason
 
 
 @dataclass
@@ -85,8 +170,10 @@ class Results:
     duplicates: np.ndarray
     errors: list[str]
     seqs: np.ndarray
-    versions: np.ndarray | None = None
-    """The model version that computed each answer (0 where refused)."""
+    """The seq each event was sent with (its own, or the one the client numbered)."""
+    versions: np.ndarray
+    """The model version that computed each answer (the protocol's ``model_version``;
+    0 where refused)."""
 
     @property
     def ok(self) -> bool:
@@ -130,15 +217,22 @@ class _Core:
 
     def __init__(
         self,
+        address: str,
         token: str | None,
         exactly_once: bool,
         retry_for: float,
         form: str,
         on_retry: RetryHook | None = None,
         model: str = "",
+        connect_timeout: float | None = None,
     ):
         if form not in ("columnar", "events"):
             raise ValueError("form must be 'columnar' or 'events'")
+        self.address = address
+        self.never_resolves = never_resolves(check_address(address))
+        self.connect_timeout = connect_timeout
+        self.reached = False
+        """Whether a server has answered (anything, errors included) on this client."""
         self.form = form
         self.model = model
         """The model every call names ("": the server's default model)."""
@@ -147,12 +241,38 @@ class _Core:
         self.retry_for = retry_for
         self.on_retry = on_retry
         self.last_seq: dict[str, int] = {}
+        """Per session, the highest seq sent (or the server's ``last_seq``, read first)."""
         self.output_size = 0
+
+    def check_name(self) -> None:
+        """Before a call: a name that can never resolve fails without a lookup."""
+        if self.never_resolves:
+            raise Unreachable(self.address, "name does not resolve")
+
+    def window(self, exc: grpc.RpcError) -> tuple[float, bool]:
+        """After ``exc``, the first failure of an outage: how long to retry, announced or not.
+
+        "Never reached" and "went away" look alike to gRPC (both UNAVAILABLE); what tells
+        them apart is whether a server has answered this client yet.
+        """
+        if unreachable_reason(exc.details() or "") is None:  # type: ignore[attr-defined]
+            self.reached = True  # a server (or a proxy before it) said UNAVAILABLE itself
+        if self.reached or self.connect_timeout is None:
+            return self.retry_for, True
+        return self.connect_timeout, False
 
     def retrying(self, exc: grpc.RpcError) -> None:
         """Tell ``on_retry`` that a call or stream starts retrying after ``exc``."""
         if self.on_retry is not None:
             self.on_retry(exc.code(), exc.details() or "")  # type: ignore[attr-defined]
+
+    def error(self, exc: grpc.RpcError) -> LstmError:
+        """The error a failed call raises: ``Unreachable`` when no server answered it."""
+        code, details = exc.code(), exc.details() or ""  # type: ignore[attr-defined]
+        reason = unreachable_reason(details) if code == grpc.StatusCode.UNAVAILABLE else None
+        if reason is not None:
+            return Unreachable(self.address, reason, details)
+        return LstmError(code, details)
 
     def unknown(self, ids: Iterable[str]) -> list[str]:
         if not self.exactly_once:
@@ -172,19 +292,30 @@ class _Core:
         self.last_seq[session_id] = session.last_seq if session is not None else 0
 
     def request(
-        self, ids: Sequence[str], values: np.ndarray, resets: Sequence[bool] | None
+        self,
+        ids: Sequence[str],
+        values: np.ndarray,
+        resets: Sequence[bool] | None,
+        given: Sequence[int] | np.ndarray | None = None,
     ) -> _Request:
         ids = list(ids)
-        values = np.ascontiguousarray(values, "<f4")
+        values = _float32(values)
         if values.ndim != 2 or values.shape[0] != len(ids):
             raise ValueError(f"values must be [{len(ids)}, E]; got {list(values.shape)}")
         n = len(ids)
-        seqs = np.zeros(n, np.uint64)
+        seqs = np.zeros(n, np.uint64) if given is None else _seqs(given, n)
         if self.exactly_once:
+            # One counter per session for both kinds: an automatic seq comes after every
+            # seq sent before it, so no two events of a session ever share one.
             last = self.last_seq
             for i, sid in enumerate(ids):
-                last[sid] += 1
-                seqs[i] = last[sid]
+                own = int(seqs[i])
+                if own:
+                    last[sid] = max(last[sid], own)
+                else:
+                    last[sid] += 1
+                    seqs[i] = last[sid]
+        sequenced = self.exactly_once or bool(seqs.any())
         reset_array = np.zeros(n, np.bool_) if resets is None else np.asarray(resets, np.bool_)
         if self.form == "events":
             message = pb.StepRequest(
@@ -198,7 +329,7 @@ class _Core:
         batch = pb.EventBatch(
             session_ids=ids,
             values=values.tobytes(),
-            seqs=seqs.tolist() if self.exactly_once else [],
+            seqs=seqs.tolist() if sequenced else [],
             resets=reset_array.tolist() if reset_array.any() else [],
         )
         return _Request(
@@ -237,8 +368,37 @@ class _Core:
             duplicates=np.array(b.duplicates, np.bool_),
             errors=list(b.errors),
             seqs=request.seqs,
-            versions=np.array(b.model_versions, np.uint64) if len(b.model_versions) else None,
+            versions=np.array(b.model_versions, np.uint64)
+            if len(b.model_versions)
+            else np.zeros(n, np.uint64),
         )
+
+
+def _float32(values: np.ndarray) -> np.ndarray:
+    """``values`` as contiguous little-endian float32; ValueError where one does not fit."""
+    array = np.asarray(values)
+    if array.dtype == np.float32:
+        return np.ascontiguousarray(array, "<f4")
+    with np.errstate(over="raise", invalid="ignore"):
+        try:
+            return np.ascontiguousarray(array, "<f4")
+        except FloatingPointError:
+            raise ValueError("values out of float32 range") from None
+
+
+def _seqs(given: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
+    """Explicit seqs (0: numbered by the client) as uint64; ValueError when not n of 0..2^64-1."""
+    if len(given) != n:
+        raise ValueError(f"seqs must have {n} entries; got {len(given)}")
+    as_ints = [int(q) for q in given]
+    if any(not 0 <= q <= MAX_SEQ for q in as_ints):
+        raise ValueError("seqs must be whole numbers from 0 to 2^64-1")
+    return np.array(as_ints, np.uint64)
+
+
+def _resets_seqs(extra: list[Any]) -> tuple[Sequence[bool] | None, Any]:
+    """A batch's optional third and fourth items (resets, seqs)."""
+    return (extra[0] if extra else None), (extra[1] if len(extra) > 1 else None)
 
 
 def _code(number: int) -> tuple[int, str]:
@@ -265,7 +425,11 @@ class Client:
         form: str = "columnar",
         on_retry: RetryHook | None = None,
         model: str = "",
+        connect_timeout: float | None = None,
     ):
+        core = _Core(
+            address, token, exactly_once, retry_for, form, on_retry, model, connect_timeout
+        )
         credentials = _credentials(tls_ca, tls_cert, tls_key)
         options = [("grpc.max_receive_message_length", 64 << 20)]
         self.channel = (
@@ -274,7 +438,7 @@ class Client:
             else grpc.insecure_channel(address, options)
         )
         self.stub = pb_grpc.LstmStreamStub(self.channel)
-        self.core = _Core(token, exactly_once, retry_for, form, on_retry, model)
+        self.core = core
         self.window = window
 
     def __enter__(self) -> Client:
@@ -288,18 +452,27 @@ class Client:
 
     def _call(self, method: Any, message: Any, ids: Sequence[str] = ()) -> Any:
         """``method(message)``, retried; ``ids``: the sessions it is for (routing header)."""
-        deadline = time.monotonic() + self.core.retry_for
+        self.core.check_name()
+        deadline = None
         delay = 0.05
         metadata = self.core.routed(ids)
-        retried = False
+        announce = False
         while True:
             try:
-                return method(message, metadata=metadata)
+                reply = method(message, metadata=metadata)
+                self.core.reached = True
+                return reply
             except grpc.RpcError as exc:
-                if not _retryable(exc) or time.monotonic() + delay > deadline:
-                    raise LstmError(exc.code(), exc.details() or "") from exc  # type: ignore[attr-defined]
-                if not retried:
-                    retried = True
+                if not _retryable(exc):
+                    self.core.reached = True
+                    raise self.core.error(exc) from exc
+                if deadline is None:
+                    window, announce = self.core.window(exc)
+                    deadline = time.monotonic() + window
+                if time.monotonic() + delay > deadline:
+                    raise self.core.error(exc) from exc
+                if announce:
+                    announce = False
                     self.core.retrying(exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -318,25 +491,34 @@ class Client:
             self.core.learn(sid, session)
 
     def step_many(
-        self, session_ids: Sequence[str], values: np.ndarray, resets: Sequence[bool] | None = None
+        self,
+        session_ids: Sequence[str],
+        values: np.ndarray,
+        resets: Sequence[bool] | None = None,
+        seqs: Sequence[int] | np.ndarray | None = None,
     ) -> Results:
-        """Apply ``values[i]`` to ``session_ids[i]``, in order; one request."""
+        """Apply ``values[i]`` to ``session_ids[i]``, in order; one request. ``seqs[i]``:
+        the event's own seq (0 or no ``seqs``: the client numbers it)."""
         self._prepare(session_ids)
-        request = self.core.request(session_ids, values, resets)
+        request = self.core.request(session_ids, values, resets, seqs)
         return self.core.results(request, self._call(self.stub.Step, request.message, request.ids))
 
-    def step(self, session_id: str, values: np.ndarray, reset: bool = False) -> np.ndarray:
+    def step(
+        self, session_id: str, values: np.ndarray, reset: bool = False, seq: int = 0
+    ) -> np.ndarray:
         """One event; its output, or LstmError when the server refused it."""
-        r = self.step_many([session_id], np.asarray(values, np.float32)[None, :], [reset])
+        r = self.step_many([session_id], np.asarray(values)[None, :], [reset], [seq])
         if r.codes[0]:
             raise LstmError(grpc.StatusCode(_code(int(r.codes[0]))), r.errors[0])
         return r.outputs[0]
 
     def stream(self, batches: Iterable[Batch], session_id: str | None = None) -> Iterator[Results]:
-        """Pipeline ``(session_ids, values[, resets])`` batches over one stream, ``window`` in
-        flight; yields each batch's results in order. A broken stream is reopened and what
-        it had not answered is sent again (applied once, thanks to seq). ``session_id``:
-        the one session the stream is for, sent as ``x-session-id`` for a hashing proxy."""
+        """Pipeline ``(session_ids, values[, resets[, seqs]])`` batches over one stream,
+        ``window`` in flight; yields each batch's results in order. A broken stream is
+        reopened and what it had not answered is sent again (applied once, thanks to seq).
+        ``session_id``: the one session the stream is for, sent as ``x-session-id`` for a
+        hashing proxy."""
+        self.core.check_name()
         metadata = self.core.routed([session_id] if session_id is not None else [])
         source = iter(batches)
         pending: collections.deque[_Request] = collections.deque()
@@ -358,12 +540,12 @@ class Client:
                     if mine != current[0] or exhausted:
                         return  # a reconnect replaced this stream
                     try:
-                        ids, values, *resets = next(source)
+                        ids, values, *extra = next(source)
                     except StopIteration:
                         exhausted = True
                         return
                     self._prepare(ids)
-                    request = self.core.request(ids, values, resets[0] if resets else None)
+                    request = self.core.request(ids, values, *_resets_seqs(extra))
                     pending.append(request)
                     yield request.message
 
@@ -371,18 +553,21 @@ class Client:
             try:
                 for response in call:
                     deadline = None
+                    self.core.reached = True
                     yield self.core.results(pending.popleft(), response)
                 if exhausted and not pending:
                     return
             except grpc.RpcError as exc:
                 if not _retryable(exc):
-                    raise LstmError(exc.code(), exc.details() or "") from exc  # type: ignore[attr-defined]
+                    self.core.reached = True
+                    raise self.core.error(exc) from exc
                 if deadline is None:  # the first failure since the last answer
-                    deadline = time.monotonic() + self.core.retry_for
-                    if self.core.retry_for > 0:
+                    window, announce = self.core.window(exc)
+                    deadline = time.monotonic() + window
+                    if announce and window > 0:
                         self.core.retrying(exc)
                 if time.monotonic() > deadline:
-                    raise LstmError(exc.code(), exc.details() or "") from exc  # type: ignore[attr-defined]
+                    raise self.core.error(exc) from exc
                 time.sleep(0.2)
 
     def get_session(self, session_id: str) -> pb.Session | None:
@@ -409,12 +594,16 @@ class Client:
         return self._call(self.stub.ListModels, pb.ListModelsRequest())  # type: ignore[no-any-return]
 
     def health(self) -> str:
-        """SERVING, NOT_SERVING, or the error that prevented asking."""
+        """SERVING, NOT_SERVING, or the error that prevented asking ("CODE: details"; not
+        retried)."""
+        if self.core.never_resolves:
+            return "UNAVAILABLE: DNS resolution failed: a name under .invalid never resolves"
         stub = health_pb2_grpc.HealthStub(self.channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
         except grpc.RpcError as exc:
             return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+        self.core.reached = True
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
@@ -435,7 +624,11 @@ class AsyncClient:
         form: str = "columnar",
         on_retry: RetryHook | None = None,
         model: str = "",
+        connect_timeout: float | None = None,
     ):
+        core = _Core(
+            address, token, exactly_once, retry_for, form, on_retry, model, connect_timeout
+        )
         credentials = _credentials(tls_ca, tls_cert, tls_key)
         options = [("grpc.max_receive_message_length", 64 << 20)]
         self.channel = (
@@ -444,7 +637,7 @@ class AsyncClient:
             else grpc.aio.insecure_channel(address, options)
         )
         self.stub = pb_grpc.LstmStreamStub(self.channel)
-        self.core = _Core(token, exactly_once, retry_for, form, on_retry, model)
+        self.core = core
         self.window = window
 
     async def __aenter__(self) -> AsyncClient:
@@ -457,18 +650,27 @@ class AsyncClient:
         await self.channel.close()
 
     async def _call(self, method: Any, message: Any, ids: Sequence[str] = ()) -> Any:
-        deadline = time.monotonic() + self.core.retry_for
+        self.core.check_name()
+        deadline = None
         delay = 0.05
         metadata = self.core.routed(ids)
-        retried = False
+        announce = False
         while True:
             try:
-                return await method(message, metadata=metadata)
+                reply = await method(message, metadata=metadata)
+                self.core.reached = True
+                return reply
             except grpc.aio.AioRpcError as exc:
-                if not _retryable(exc) or time.monotonic() + delay > deadline:
-                    raise LstmError(exc.code(), exc.details() or "") from exc
-                if not retried:
-                    retried = True
+                if not _retryable(exc):
+                    self.core.reached = True
+                    raise self.core.error(exc) from exc
+                if deadline is None:
+                    window, announce = self.core.window(exc)
+                    deadline = time.monotonic() + window
+                if time.monotonic() + delay > deadline:
+                    raise self.core.error(exc) from exc
+                if announce:
+                    announce = False
                     self.core.retrying(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -491,16 +693,22 @@ class AsyncClient:
             return None  # a bad id: its events are refused one by one
 
     async def step_many(
-        self, session_ids: Sequence[str], values: np.ndarray, resets: Sequence[bool] | None = None
+        self,
+        session_ids: Sequence[str],
+        values: np.ndarray,
+        resets: Sequence[bool] | None = None,
+        seqs: Sequence[int] | np.ndarray | None = None,
     ) -> Results:
         await self._prepare(session_ids)
-        request = self.core.request(session_ids, values, resets)
+        request = self.core.request(session_ids, values, resets, seqs)
         return self.core.results(
             request, await self._call(self.stub.Step, request.message, request.ids)
         )
 
-    async def step(self, session_id: str, values: np.ndarray, reset: bool = False) -> np.ndarray:
-        r = await self.step_many([session_id], np.asarray(values, np.float32)[None, :], [reset])
+    async def step(
+        self, session_id: str, values: np.ndarray, reset: bool = False, seq: int = 0
+    ) -> np.ndarray:
+        r = await self.step_many([session_id], np.asarray(values)[None, :], [reset], [seq])
         if r.codes[0]:
             raise LstmError(grpc.StatusCode(_code(int(r.codes[0]))), r.errors[0])
         return r.outputs[0]
@@ -509,6 +717,7 @@ class AsyncClient:
         self, batches: Iterable[Batch], session_id: str | None = None
     ) -> AsyncIterator[Results]:
         """As ``Client.stream``: pipelined, in order, resumed after a reconnect."""
+        self.core.check_name()
         metadata = self.core.routed([session_id] if session_id is not None else [])
         source = iter(batches)
         pending: collections.deque[_Request] = collections.deque()
@@ -530,13 +739,13 @@ class AsyncClient:
                 while True:
                     await room.acquire()
                     try:
-                        ids, values, *resets = next(source)
+                        ids, values, *extra = next(source)
                     except StopIteration:
                         exhausted = True
                         await call.done_writing()
                         return
                     await self._prepare(ids)
-                    request = self.core.request(ids, values, resets[0] if resets else None)
+                    request = self.core.request(ids, values, *_resets_seqs(extra))
                     pending.append(request)
                     await call.write(request.message)
 
@@ -544,6 +753,7 @@ class AsyncClient:
             try:
                 async for response in call:
                     deadline = None
+                    self.core.reached = True
                     room.release()
                     yield self.core.results(pending.popleft(), response)
                 await writer
@@ -552,13 +762,15 @@ class AsyncClient:
             except grpc.aio.AioRpcError as exc:
                 writer.cancel()
                 if not _retryable(exc):
-                    raise LstmError(exc.code(), exc.details() or "") from exc
+                    self.core.reached = True
+                    raise self.core.error(exc) from exc
                 if deadline is None:  # the first failure since the last answer
-                    deadline = time.monotonic() + self.core.retry_for
-                    if self.core.retry_for > 0:
+                    window, announce = self.core.window(exc)
+                    deadline = time.monotonic() + window
+                    if announce and window > 0:
                         self.core.retrying(exc)
                 if time.monotonic() > deadline:
-                    raise LstmError(exc.code(), exc.details() or "") from exc
+                    raise self.core.error(exc) from exc
                 await asyncio.sleep(0.2)
             finally:
                 writer.cancel()
@@ -587,12 +799,15 @@ class AsyncClient:
         return await self._call(self.stub.ListModels, pb.ListModelsRequest())  # type: ignore[no-any-return]
 
     async def health(self) -> str:
-        """SERVING, NOT_SERVING, or the error that prevented asking."""
+        """SERVING, NOT_SERVING, or the error that prevented asking (not retried)."""
+        if self.core.never_resolves:
+            return "UNAVAILABLE: DNS resolution failed: a name under .invalid never resolves"
         stub = health_pb2_grpc.HealthStub(self.channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
         except grpc.aio.AioRpcError as exc:
             return f"{exc.code().name}: {exc.details()}"
+        self.core.reached = True
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
@@ -627,10 +842,14 @@ class ShardedClient:
         return self.clients[rendezvous(session_id, self.addresses)]
 
     def step_many(
-        self, session_ids: Sequence[str], values: np.ndarray, resets: Sequence[bool] | None = None
+        self,
+        session_ids: Sequence[str],
+        values: np.ndarray,
+        resets: Sequence[bool] | None = None,
+        seqs: Sequence[int] | np.ndarray | None = None,
     ) -> Results:
         """Apply ``values[i]`` to ``session_ids[i]``: one request per replica, concurrently."""
-        values = np.asarray(values, np.float32)
+        values = _float32(values)
         owners = np.array([rendezvous(sid, self.addresses) for sid in session_ids], np.int64)
         parts = [np.flatnonzero(owners == k) for k in range(len(self.clients))]
 
@@ -640,6 +859,7 @@ class ShardedClient:
                 [session_ids[i] for i in rows.tolist()],
                 values[rows],
                 None if resets is None else [bool(resets[i]) for i in rows.tolist()],
+                None if seqs is None else [int(seqs[i]) for i in rows.tolist()],
             )
 
         busy = [k for k, rows in enumerate(parts) if rows.size]
@@ -653,6 +873,7 @@ class ShardedClient:
             duplicates=np.zeros(n, np.bool_),
             errors=[""] * n,
             seqs=np.zeros(n, np.uint64),
+            versions=np.zeros(n, np.uint64),
         )
         for k, r in answered.items():
             rows = parts[k]
@@ -661,12 +882,15 @@ class ShardedClient:
             out.codes[rows] = r.codes
             out.duplicates[rows] = r.duplicates
             out.seqs[rows] = r.seqs
+            out.versions[rows] = r.versions
             for i, error in zip(rows.tolist(), r.errors):
                 out.errors[i] = error
         return out
 
-    def step(self, session_id: str, values: np.ndarray, reset: bool = False) -> np.ndarray:
-        return self.owner(session_id).step(session_id, values, reset)
+    def step(
+        self, session_id: str, values: np.ndarray, reset: bool = False, seq: int = 0
+    ) -> np.ndarray:
+        return self.owner(session_id).step(session_id, values, reset, seq)
 
     def get_session(self, session_id: str) -> pb.Session | None:
         return self.owner(session_id).get_session(session_id)

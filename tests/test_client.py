@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
+import time
+import warnings
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
 from lstm_bench import procs
-from lstm_stream import AsyncClient, Client, LstmError
+from lstm_stream import AsyncClient, Client, LstmError, ShardedClient, Unreachable
 from service.server import Server
 from tests.conftest import DEVICE
 from tests.service.reference import Reference, events
@@ -144,3 +148,108 @@ async def test_stream_resumes_after_the_server_restarts(tmp_path: Path, kind: st
     finally:
         for target in (first, *holder):
             target.stop()
+
+
+@pytest.mark.parametrize("form", ["columnar", "events"])
+async def test_explicit_and_automatic_seqs_mix_and_nothing_is_applied_twice(
+    server: Server, form: str
+) -> None:
+    x = events(np.random.default_rng(6), 8)
+
+    def use() -> None:
+        ref = Reference()
+        with Client(f"127.0.0.1:{server.port}", form=form) as client:
+            # An explicit seq as it is; the same again (same request) is a duplicate;
+            # an automatic one comes after the highest so far.
+            r = client.step_many(["m", "m", "m"], x[:3], seqs=[5, 5, 0])
+            assert r.seqs.tolist() == [5, 5, 6] and r.duplicates.tolist() == [False, True, False]
+            assert r.steps.tolist() == [1, 1, 2]
+            np.testing.assert_allclose(r.outputs[0], ref.step("m", x[0]), atol=1e-5)
+            np.testing.assert_allclose(r.outputs[2], ref.step("m", x[2]), atol=1e-5)
+            # An explicit seq at or below one already sent is a duplicate, never re-applied.
+            out = client.step("m", x[3], seq=6)
+            np.testing.assert_allclose(out, r.outputs[2])
+            batches = [(["m"], x[4:5], None, [9]), (["m"], x[5:6]), (["m"], x[6:7], [False], [10])]
+            answers = list(client.stream(batches))
+            assert [int(a.seqs[0]) for a in answers] == [9, 10, 10]
+            assert [bool(a.duplicates[0]) for a in answers] == [False, False, True]
+            for k in (4, 5):
+                np.testing.assert_allclose(
+                    answers[k - 4].outputs[0], ref.step("m", x[k]), atol=1e-5
+                )
+            session = client.get_session("m")
+            assert session is not None and (session.step, session.last_seq) == (4, 10)
+            with pytest.raises(ValueError, match="seqs must have 1 entries"):
+                client.step_many(["m"], x[:1], seqs=[1, 2])
+
+    await asyncio.to_thread(use)
+
+
+async def test_async_client_takes_explicit_seqs(server: Server) -> None:
+    x = events(np.random.default_rng(9), 3)
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        r = await client.step_many(["n", "n"], x[:2], seqs=[3, 3])
+        assert r.duplicates.tolist() == [False, True]
+        answers = [a async for a in client.stream([(["n"], x[2:3], None, [0])])]
+        assert answers[0].seqs.tolist() == [4] and answers[0].steps.tolist() == [2]
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [("127.0.0.1:1", "connection refused"), ("lstm.invalid:50051", "name does not resolve")],
+)
+async def test_a_server_never_reached_fails_after_connect_timeout_in_words(
+    address: str, reason: str
+) -> None:
+    # .invalid never resolves (RFC 6761); the client answers so without a lookup.
+    def use() -> float:
+        started = time.monotonic()
+        with Client(address, retry_for=30, connect_timeout=0.5) as client:
+            with pytest.raises(Unreachable) as info:
+                client.model_info()
+            assert str(info.value) == f"cannot reach {address} ({reason})"
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE and info.value.reason == reason
+            with pytest.raises(Unreachable):
+                next(client.stream([(["s"], np.zeros((1, 32), np.float32))]))
+        return time.monotonic() - started
+
+    assert await asyncio.to_thread(use) < 4.5
+    started = time.monotonic()
+    async with AsyncClient(address, retry_for=30, connect_timeout=0.5) as client:
+        with pytest.raises(Unreachable, match=rf"cannot reach {address} \({reason}\)"):
+            await client.model_info()
+    assert time.monotonic() - started < 3
+
+
+async def test_an_address_needs_a_port() -> None:
+    for address, words in (("127.0.0.1", "has no port"), ("::1", "[ADDRESS]:PORT")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            Client(address)
+        with pytest.raises(ValueError, match=re.escape(words)):
+            AsyncClient(address)
+    with Client("[::1]:50051"), Client("unix:/nowhere/socket"):
+        pass  # a bracketed IPv6 address and a gRPC target with a scheme are taken
+
+
+async def test_values_beyond_float32_are_refused_without_a_warning(server: Server) -> None:
+    def use() -> None:
+        with Client(f"127.0.0.1:{server.port}") as client, warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match="values out of float32 range"):
+                client.step_many(["f"], np.full((1, 32), 1e39))
+            assert client.get_session("f") is None
+
+    await asyncio.to_thread(use)
+
+
+async def test_every_result_says_its_model_version(server: Server) -> None:
+    x = events(np.random.default_rng(10), 3)
+
+    def use() -> None:
+        address = f"127.0.0.1:{server.port}"
+        with Client(address, form="events") as client:
+            assert client.step_many(["v"], x[:1]).versions.tolist() == [1]
+        with ShardedClient([address]) as sharded:
+            assert sharded.step_many(["v", "w"], x[1:]).versions.tolist() == [1, 1]
+
+    await asyncio.to_thread(use)
