@@ -5,13 +5,13 @@ line is skipped as a header when its second field is not a number (or it has one
 field). Output: one JSON object per input line (line, session_id, and step, seq,
 duplicate, output and the model_version that answered, or error).
 
---address is HOST:PORT (an address without a port is refused). A server that has
-never answered gets 2 s to answer (a refused connection, a name that does not
-resolve: "cannot reach HOST:PORT (connection refused)", exit 3); given --retry-for,
-it gets that long instead. A server that answered and then went away (a restart,
-a drain) is retried for --retry-for seconds (30 for stream, 5 for the other
-commands), with a line on stderr when retrying starts. Global options may come
-before or after the command.
+--address is HOST:PORT; one without a port is refused (exit 2). A server that has
+not answered yet gets 2 s: a refused connection or a name that does not resolve
+ends in one line such as "cannot reach HOST:PORT (connection refused)", exit 3
+(given --retry-for, it gets that long instead, announced). A server that answered
+and then went away (a restart, a drain) is retried for --retry-for seconds (30 for
+stream, 5 for the other commands), with a line on stderr when retrying starts.
+Global options may come before or after the command.
 
 Exit codes: 0 everything answered; 1 some lines were bad or refused (each is
 reported on stderr with its line number and in the output); 2 usage; 3 the
@@ -63,8 +63,8 @@ input, JSONL: one object per line, e.g.
   reset (true/false): start the session from zero state before this event.
 input, CSV: session_id,v1,...,vE per line. A first line whose second field is not
   a number is a header; a header may name a "seq" and a "reset" column (after the
-  first), read as in JSONL (reset: true/false/1/0; an empty cell: none); every
-  other column is a value, in order.
+  first), read as in JSONL (reset: true, false, 1 or 0; an empty cell: no seq, no
+  reset); every other column is a value, in order.
 output: one JSON object per input line: line, session_id, and step, seq, duplicate,
   output, model_version (the version that answered), or error.
 On a terminal, stdin is read until Ctrl-D.
@@ -399,7 +399,7 @@ def add_option(
 ) -> None:
     """``add_argument`` with the default in the help text (``shown``: how to say it)."""
     default = kwargs.get("default")
-    if shown is None and default not in (None, False, argparse.SUPPRESS):
+    if shown is None and default not in (None, False, "", argparse.SUPPRESS):
         shown = str(default)
     if shown is not None:
         kwargs["help"] = f"{kwargs['help']} (default: {shown})"
@@ -414,12 +414,12 @@ def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
     """
 
     def option(*names: str, default: Any = None, **kwargs: Any) -> None:
-        shown = None if default is None else str(default)
+        shown = None if default in (None, "") else str(default)
         value = default if top else argparse.SUPPRESS
         add_option(parser, *names, default=value, shown=shown, **kwargs)
 
     option("--address", default="127.0.0.1:50051", help="the server's HOST:PORT")
-    option("--model", default="", help="the model (empty: the server's default model)")
+    option("--model", default="", help="the model (default: the server's default model)")
     option("--token", help="bearer token (when the server has --auth-tokens)")
     option("--tls-ca", help="PEM CA to trust (TLS)")
     option("--tls-cert", help="PEM client certificate (mutual TLS)")

@@ -76,6 +76,7 @@ REASONS = (
     ("timed out", "timed out"),
     ("deadline", "timed out"),
     ("handshake", "TLS handshake failed"),
+    ("socket closed", "connection closed"),
     ("failed to connect", "cannot connect"),
 )
 """gRPC's transport errors (lower-cased fragments of its details) in words; anything
