@@ -47,16 +47,18 @@ tools: ## system programs the tests run (openssl, prometheus, redis-server, hapr
 			--no-install-recommends $$missing >/dev/null; fi
 
 GPU_VENV ?= .venv-gpu
-test-gpu: ## the end-to-end tests with --device cuda (own venv with onnxruntime-gpu); skips without a GPU
-	@if ! nvidia-smi -L >/dev/null 2>&1; then \
-		echo "make test-gpu: SKIPPED: no NVIDIA GPU on this machine (nvidia-smi finds none)"; exit 0; fi; \
+test-gpu: ## the GPU check (tools/gpu_check.sh): e2e tests on --device cuda, models vs the reference, lstm_bench.gpu -> docs/perf/gpu.json; skips without a GPU
+	@if ! nvidia-smi -L >/dev/null 2>&1; then bash tools/gpu_check.sh; exit $$?; fi; \
 	set -e; \
-	$(PYTHON) -m venv $(GPU_VENV); \
-	$(GPU_VENV)/bin/pip install -q --upgrade pip; \
-	$(GPU_VENV)/bin/pip install -q -e '.[dev]'; \
-	$(GPU_VENV)/bin/pip uninstall -q -y onnxruntime; \
-	$(GPU_VENV)/bin/pip install -q 'onnxruntime-gpu[cuda,cudnn]>=1.18,<2'; \
-	LSTM_TEST_DEVICE=cuda $(GPU_VENV)/bin/python -m pytest -q tests/service
+	if [ ! -f $(GPU_VENV)/.installed ]; then \
+		$(PYTHON) -m venv $(GPU_VENV); \
+		$(GPU_VENV)/bin/pip install -q --upgrade pip; \
+		$(GPU_VENV)/bin/pip install -q -e '.[dev,gpu]'; \
+		: "the base dependencies bring onnxruntime too: the GPU build alone must own the module"; \
+		$(GPU_VENV)/bin/pip uninstall -q -y onnxruntime onnxruntime-gpu; \
+		$(GPU_VENV)/bin/pip install -q --no-deps 'onnxruntime-gpu==1.31.1'; \
+		touch $(GPU_VENV)/.installed; fi; \
+	GPU_PYTHON=$(GPU_VENV)/bin/python bash tools/gpu_check.sh
 
 run: $(STAMP) ## start the server with the embedded default model (PORT=50051 METRICS_PORT=9464)
 	$(BIN)/lstm-serve --port $(PORT) --metrics-port $(METRICS_PORT) --log-format text
