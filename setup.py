@@ -18,7 +18,11 @@ DIRECTIVES = {
     "cdivision": True,
     "embedsignature": True,
 }
-MODULES = ["service/api/codec.pyx"]
+MODULES = [
+    "service/api/codec.pyx",  # StepRequest bytes in, StepResponse bytes out
+    "service/core/scan.pyx",  # admission's pass over the events, a run's pick
+    "service/state/rows.pyx",  # the table's pending counts
+]
 
 setup(
     ext_modules=cythonize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,12 +47,20 @@ __all__ = [
     "Job",
     "ModelInfo",
     "NotReady",
+    "Route",
     "SessionCapError",
     "SessionSnapshot",
     "StoreUnavailable",
     "UnknownModel",
     "VersionStatus",
 ]
+
+
+class Route(NamedTuple):
+    """The model a request names, and how many values its events take."""
+
+    model: ServedModel
+    event_size: int
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,7 @@ class DataPlane:
         self._engine: Engine | None = None
         self._registry: Registry | None = None
         self._closed = False
-        self._routes: dict[str, tuple[ServedModel, int]] = {}
+        self._routes: dict[str, Route] = {}
         self._routes_of = -1
 
     def attach(self, engine: Engine, registry: Registry) -> None:
@@ -120,7 +129,7 @@ class DataPlane:
         """The model a call names ("": the default); UnknownModel when none such serves."""
         return self.registry.resolve(name)
 
-    def _route(self, name: str) -> tuple[ServedModel, int]:
+    def _route(self, name: str) -> Route:
         """The model a request names and its event size (every version takes as many),
         cached per name until the engine's lanes change: looked up once per request."""
         engine = self._engine
@@ -133,12 +142,16 @@ class DataPlane:
         if route is None or route[0].closed:
             served = self.registry.resolve(name)
             lane = served.newest or served.by_age[0]
-            route = self._routes[name] = (served, lane.spec.event_size)
+            route = self._routes[name] = Route(served, lane.spec.event_size)
         return route
 
     def event_size(self, name: str = "") -> int:
         """Values per event of a model."""
         return self._route(name)[1]
+
+    def route(self, name: str = "") -> Route:
+        """The model a request names and its event size, for ``step``: looked up once."""
+        return self._route(name)
 
     def spec(self, name: str = "", version: int = 0) -> ModelSpec:
         """A model version's step contract (version 0: the newest ready one)."""
@@ -157,9 +170,13 @@ class DataPlane:
         include_state: bool = False,
         model: str = "",
         version: int = 0,
+        route: Route | None = None,
     ) -> Job:
-        """Queue a request's events (ids as the tenant sent them); ``job.future`` answers."""
-        served = self._route(model)[0]
+        """Queue a request's events (ids as the tenant sent them); ``job.future`` answers.
+
+        ``route``: what ``route(model)`` gave, when the caller asked already.
+        """
+        served = (route or self._route(model))[0]
         engine = self._engine
         assert engine is not None
         if version and version not in served.lanes:

@@ -94,10 +94,10 @@ class LstmStreamServicer:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{n} events in one request; the limit is {limit} (--max-events-per-request)",
             )
-        event_size = self.plane.event_size(request.model)
+        route = self.plane.route(request.model)
         if request.columnar:
-            _check_batch(request, n, event_size)
-        values, bad = request.values(event_size)
+            _check_batch(request, n, route.event_size)
+        values, bad = request.values(route.event_size)
         ids = request.session_ids
         block = EventBlock(ids, values, request.seqs, request.resets, bad)
         job = self.plane.step(
@@ -106,6 +106,7 @@ class LstmStreamServicer:
             include_state=request.include_state and not request.columnar,
             model=request.model,
             version=request.model_version,
+            route=route,
         )
         return _Begun(request.columnar, block, job, ids)
 

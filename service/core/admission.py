@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from itertools import chain
 
 import numpy as np
 
@@ -20,6 +19,7 @@ from service.core.model import ServedModel
 from service.core.newids import new_ids, valid_ids, within_caps
 from service.core.parking import Parking
 from service.core.results import Intake, Intakes
+from service.core.scan import scan
 from service.core.types import NOT_FINITE, OUTCOME, Code, Failure, Job
 from service.metrics import Metrics
 
@@ -47,57 +47,35 @@ class Admission:
         newest = model.newest or lanes[0]
         spec = newest.spec
         intake = Intake(jobs, spec.output_size, spec.state_sizes, spec.state_names)
-        counts = [job.n for job in jobs]
         n = len(intake)
-        if n == 0:
+        if not n:
             for job in jobs:
                 job.resolve()
             return []
-        blocks = [job.block for job in jobs]
-        ids: Sequence[str] = (
-            blocks[0].session_ids
-            if len(blocks) == 1
-            else list(chain.from_iterable(b.session_ids for b in blocks))
-        )
-        values = (
-            blocks[0].values if len(blocks) == 1 else np.concatenate([b.values for b in blocks])
-        )
-        seqs = _column([b.seqs for b in blocks], counts, np.uint64)
-        resets = _column([b.resets for b in blocks], counts, np.bool_)
-        if len(jobs) == 1:
-            job_of = np.zeros(n, np.int64)
-            t0 = np.full(n, jobs[0].t0)
-        else:
-            job_of = np.repeat(np.arange(len(jobs)), counts)
-            t0 = np.repeat(np.array([job.t0 for job in jobs]), counts)
-
-        # Each check costs one pass in the common case; rows are found only when needed.
+        one_lane = len(lanes) == 1
+        # One compiled pass: the columns, NaN/Inf, and each session's row on a single lane.
+        found = scan(jobs, lanes[0].table.index if one_lane else None, spec.event_size)
+        ids = found.session_ids
         codes = intake.codes
-        rejected = False
-        for j, block in enumerate(blocks):
-            if block.bad:
-                rejected = True
-                for i, message in block.bad.items():
-                    jobs[j].fail(i, Code.INVALID_ARGUMENT, message)
-        if not np.isfinite(values).all():  # faster than a sum at every size, and never warns
+        rejected = found.bad and self._refuse_undecoded(jobs)
+        if found.not_finite:
             rejected = True
-            for i in np.flatnonzero(~np.isfinite(values).all(axis=1)).tolist():
+            for i in found.not_finite:
                 if not codes[i]:
-                    intake.fail(i, int(job_of[i]), Code.INVALID_ARGUMENT, NOT_FINITE)
-        asked = any(job.version for job in jobs)
+                    intake.fail(i, int(found.job_of[i]), Code.INVALID_ARGUMENT, NOT_FINITE)
+        job_of = found.job_of
         lane_of: np.ndarray | None = None  # None: every session is on lanes[0]
-        if len(lanes) == 1:
-            slots = lanes[0].table.lookup(ids)
-        else:
+        slots = found.slots
+        if not one_lane:
             lane_of, slots = _route(lanes, ids)
         held = _NONE  # events parked behind a move
         if model.moving:
             moving = model.moving
             held = np.flatnonzero([sid in moving for sid in ids] & (codes == 0))
-        if asked:
+        if found.asked:
             rejected |= self._refuse_other_versions(jobs, intake, job_of, lanes, lane_of, slots)
         cold: np.ndarray | None = None
-        if slots.min() < 0:
+        if found.unknown if one_lane else slots.min() < 0:
             unknown = np.flatnonzero(slots < 0)
             unknown = unknown[~np.isin(unknown, held)] if held.size else unknown
             if lanes[0].cache.persistent:
@@ -111,7 +89,7 @@ class Admission:
                 cold = None
         waiting = held if cold is None else np.union1d(held, cold)
         accepted: np.ndarray | None = None  # None: every event goes to a pool now
-        per_job = counts
+        per_job = [job.n for job in jobs]
         if rejected or waiting.size:
             if rejected:
                 self._count_refused(codes)
@@ -128,7 +106,13 @@ class Admission:
         if not any(per_job):
             return []
         key = self.intakes.add(intake)
-        columns = {"values": values, "seqs": seqs, "resets": resets, "t0": t0, "job": job_of}
+        columns = {
+            "values": found.values,
+            "seqs": found.seqs,
+            "resets": found.resets,
+            "t0": found.t0,
+            "job": job_of,
+        }
         if lane_of is None:
             self._place(lanes[0], key, slots, columns, accepted, n)
         else:
@@ -143,6 +127,18 @@ class Admission:
         return self.parking.park(
             waiting, [ids[i] for i in waiting.tolist()], versions, columns, key
         )
+
+    @staticmethod
+    def _refuse_undecoded(jobs: list[Job]) -> bool:
+        """Refuse the events found bad while decoding (another number of values, a bad id)."""
+        refused = False
+        for job in jobs:
+            bad = job.block.bad
+            if bad:
+                refused = True
+                for i, message in bad.items():
+                    job.fail(i, Code.INVALID_ARGUMENT, message)
+        return refused
 
     def _place(
         self,
@@ -307,12 +303,3 @@ def _steps(
         if mine.any():
             out[mine] = lane.table.steps(slots[at[mine]])
     return out
-
-
-def _column(parts: list[np.ndarray | None], counts: list[int], dtype: type) -> np.ndarray:
-    """Concatenate optional per-request columns; None stands for zeros."""
-    if all(p is None for p in parts):
-        return np.zeros(sum(counts), dtype)
-    return np.concatenate(
-        [np.zeros(c, dtype) if p is None else np.asarray(p, dtype) for p, c in zip(parts, counts)]
-    )

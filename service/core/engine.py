@@ -70,6 +70,8 @@ class Engine:
         """Counts changes of the lanes (a version loaded, retired or dropped)."""
         self._inbox: list[Job] = []
         self._wake = asyncio.Event()
+        self._woken = False
+        """Mirrors ``_wake.is_set()`` without a call per request."""
         self._idle = asyncio.Event()
         self._idle.set()
         self._loop = asyncio.get_running_loop()
@@ -149,7 +151,8 @@ class Engine:
             raise UnknownModel(f"no model {model!r} is loaded")
         job = Job(block, include_state, self._loop.create_future(), model, version)
         self._inbox.append(job)
-        if not self._wake.is_set():
+        if not self._woken:
+            self._woken = True
             self._idle.clear()
             self._wake.set()
         return job
@@ -219,6 +222,7 @@ class Engine:
                     continue
                 if not any(a.parking.waiting for a in self.admissions.values()):
                     self._idle.set()
+                self._woken = False
                 self._wake.clear()
                 await self._wake.wait()
                 continue

@@ -36,7 +36,7 @@ class StepPlan:
 
     @classmethod
     def make(cls, pool: Pool, table: SessionTable, max_batch: int) -> StepPlan:
-        events = pool.take(pool.pick(max_batch))
+        events = pool.take(pool.pick(max_batch, table.capacity))
         slots, seqs = events["slots"], events["seqs"]
         sequenced = bool(seqs.any())
         if sequenced:

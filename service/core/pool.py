@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from service.core.scan import first_per_row
+
 Events = dict[str, np.ndarray]
 """Rows taken from a pool: one array per field of ``Pool.FIELDS``."""
 
@@ -12,63 +14,76 @@ class Pool:
     """Accepted events not yet applied, oldest first, as parallel arrays.
 
     Each event knows where its answer goes: ``intake`` (a key of ``Intakes``),
-    ``row`` in that intake's arrays and ``job`` (the request) inside it.
+    ``row`` in that intake's arrays and ``job`` (the request) inside it. The
+    columns are one dict, replaced whole, never changed in place: taking every
+    event, or adding to an empty pool, moves the dict and copies nothing.
     """
 
     FIELDS = ("slots", "values", "seqs", "resets", "t0", "intake", "row", "job")
 
     def __init__(self, event_size: int):
-        self.slots = np.zeros(0, np.int64)
-        self.values = np.zeros((0, event_size), np.float32)
-        self.seqs = np.zeros(0, np.uint64)
-        self.resets = np.zeros(0, np.bool_)
-        self.t0 = np.zeros(0, np.float64)
-        self.intake = np.zeros(0, np.int64)
-        self.row = np.zeros(0, np.int64)
-        self.job = np.zeros(0, np.int64)
+        self._empty: Events = {
+            "slots": np.zeros(0, np.int64),
+            "values": np.zeros((0, event_size), np.float32),
+            "seqs": np.zeros(0, np.uint64),
+            "resets": np.zeros(0, np.bool_),
+            "t0": np.zeros(0, np.float64),
+            "intake": np.zeros(0, np.int64),
+            "row": np.zeros(0, np.int64),
+            "job": np.zeros(0, np.int64),
+        }
+        self._columns = self._empty
+        self._marks = np.zeros(0, np.int64)
+        """Scratch for ``pick``: a cell per table row, -1 between picks."""
 
     def __len__(self) -> int:
-        return self.slots.size
+        return self._columns["slots"].size  # type: ignore[no-any-return]
+
+    @property
+    def slots(self) -> np.ndarray:
+        return self._columns["slots"]
+
+    @property
+    def t0(self) -> np.ndarray:
+        """When each event's request arrived."""
+        return self._columns["t0"]
 
     def extend(self, **new: np.ndarray) -> None:
-        for name in self.FIELDS:
-            old = getattr(self, name)
-            setattr(self, name, np.concatenate((old, new[name])) if old.size else new[name])
+        """Add events (every field of ``FIELDS``) after the others."""
+        old = self._columns
+        if not old["slots"].size:
+            self._columns = new
+        else:
+            self._columns = {name: np.concatenate((old[name], new[name])) for name in self.FIELDS}
 
     def push_front(self, rows: Events) -> None:
         """Put rows taken earlier back before every other row (they stay the oldest)."""
-        for name in self.FIELDS:
-            setattr(self, name, np.concatenate((rows[name], getattr(self, name))))
+        old = self._columns
+        self._columns = {name: np.concatenate((rows[name], old[name])) for name in self.FIELDS}
 
     def take(self, picked: np.ndarray) -> Events:
         """Remove and return the rows at ``picked`` (sorted positions)."""
-        out = {}
-        if picked.size == len(self):
-            for name in self.FIELDS:
-                out[name] = getattr(self, name)
-                setattr(self, name, out[name][:0])
-            return out
-        keep = np.ones(len(self), np.bool_)
+        columns = self._columns
+        n = columns["slots"].size
+        if picked.size == n:
+            self._columns = self._empty
+            return columns
+        keep = np.ones(n, np.bool_)
         keep[picked] = False
-        for name in self.FIELDS:
-            column = getattr(self, name)
-            out[name] = column[picked]
-            setattr(self, name, column[keep])
-        return out
+        self._columns = {name: column[keep] for name, column in columns.items()}
+        return {name: column[picked] for name, column in columns.items()}
 
     def take_all(self) -> Events:
         return self.take(np.arange(len(self)))
 
-    def pick(self, max_batch: int) -> np.ndarray:
-        """Positions of the earliest event of each session, oldest first, at most ``max_batch``."""
-        slots = self.slots
-        n = slots.size
-        if n <= max_batch and (n == 1 or (n <= 64 and len(set(slots.tolist())) == n)):
-            return np.arange(n)  # the common case: every pending session once
-        _, first = np.unique(slots, return_index=True)
-        if first.size == n and n <= max_batch:
-            return np.arange(n)
-        return np.sort(first)[:max_batch]
+    def pick(self, max_batch: int, rows: int) -> np.ndarray:
+        """Positions of the earliest event of each session, oldest first, at most ``max_batch``.
+
+        ``rows``: the table's capacity (slots are below it).
+        """
+        if self._marks.size < rows:
+            self._marks = np.full(rows, -1, np.int64)
+        return first_per_row(self.slots, max_batch, self._marks)
 
 
 def select(events: Events, where: np.ndarray) -> Events:

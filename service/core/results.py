@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from asyncio import InvalidStateError
 from collections.abc import Callable, Sequence
 from itertools import accumulate
 
@@ -34,7 +35,7 @@ class Intake:
         state_names: Sequence[str] = (),
     ):
         self.jobs = jobs
-        self.starts = list(accumulate((job.n for job in jobs), initial=0))
+        self.starts = list(accumulate([job.n for job in jobs], initial=0))
         """Row of each job's first event; ``starts[-1]`` is the number of events."""
         n = self.starts[-1]
         self.steps = np.zeros(n, np.uint64)
@@ -44,7 +45,7 @@ class Intake:
         self.versions = np.zeros(n, np.uint64)
         self.state_sizes = tuple(state_sizes)
         """States are given for events computed with this layout (the model's newest at intake)."""
-        with_state = any(job.include_state for job in jobs)
+        with_state = any([job.include_state for job in jobs])
         self.states = [np.zeros((n, k), np.float32) for k in state_sizes] if with_state else None
         starts = self.starts
         for j, job in enumerate(jobs):
@@ -178,11 +179,12 @@ class Intakes:
                     job.errors[i - intake.starts[j]] = failure[1]
             job.remaining -= count
             if job.remaining == 0:
-                future = job.future
-                if not future.done():  # done: its caller left; the run goes on (Job.resolve)
-                    future.set_result(None)
+                try:  # noqa: SIM105  (suppress() costs two calls per request)
+                    job.future.set_result(None)
+                except InvalidStateError:  # its caller left; the run goes on (Job.resolve)
+                    pass
                 finished += 1
-        if finished and all(jb.remaining == 0 for jb in intake.jobs):
+        if finished and not any([jb.remaining for jb in intake.jobs]):
             del self._open[key]
 
     def fail_all(self, message: str) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from service.state.kept import KeptEvents
 from service.state.keys import tenant_of
+from service.state.rows import add_at
 from service.store.base import StoredRows, StoreLayout
 
 
@@ -334,10 +335,7 @@ class SessionTable:
 
     def hold(self, slots: np.ndarray) -> None:
         """One more pending event for each of ``slots`` (a slot may repeat)."""
-        if slots.size == 1:
-            self.pending[slots] += 1
-        else:
-            np.add.at(self.pending, slots, 1)
+        add_at(self.pending, slots, 1)
 
     def busy(self, slots: np.ndarray) -> bool:
         """Whether any of these rows has events pending."""

@@ -1,0 +1,157 @@
+"""Admission's and the pool's loops over events, compiled: one pass where numpy took a dozen.
+
+``scan`` joins the queued requests of one model into the columns admission
+works on and, in the same pass, checks every event's values for NaN/Inf and
+looks its session up in a lane's index; ``first_per_row`` picks the earliest
+pending event of each row for a run.
+"""
+
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
+from libc.math cimport isfinite
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.string cimport memcpy
+
+import numpy as np
+
+
+cdef class Scanned:
+    """The columns of the events admitted together, and what the scan found.
+
+    ``slots[i]`` is event i's row in the index scanned (-1: not there); ``not_finite``
+    lists the events whose values hold NaN or Inf; ``bad`` is whether any request
+    brought events refused while decoding; ``asked`` whether any request names a version.
+    """
+
+    cdef readonly list session_ids
+    cdef readonly object values
+    cdef readonly object seqs
+    cdef readonly object resets
+    cdef readonly object job_of
+    cdef readonly object t0
+    cdef readonly object slots
+    cdef readonly list not_finite
+    cdef readonly Py_ssize_t unknown
+    cdef readonly bint bad
+    cdef readonly bint asked
+
+
+def scan(list jobs, dict index, Py_ssize_t event_size):
+    """Scan the events of ``jobs`` (each with an ``EventBlock``), in order.
+
+    ``index`` maps session ids to rows (None: look nothing up; every slot is -1).
+    """
+    cdef Py_ssize_t n_jobs = len(jobs), n = 0, j, i, k, at = 0, count
+    for job in jobs:
+        n += <Py_ssize_t>job.n
+    cdef Scanned out = Scanned.__new__(Scanned)
+    values = None
+    if n_jobs == 1:
+        block = (<object>jobs[0]).block
+        ids = block.session_ids
+        out.session_ids = ids if type(ids) is list else list(ids)
+        values = block.values
+    else:
+        out.session_ids = []
+        values = np.empty((n, event_size), np.float32)
+    seqs = np.zeros(n, np.uint64)
+    resets = np.zeros(n, np.bool_)
+    job_of = np.empty(n, np.int64)
+    t0 = np.empty(n, np.float64)
+    slots = np.empty(n, np.int64)
+    cdef uint64_t[::1] seq_col = seqs
+    cdef uint8_t[::1] reset_col = resets.view(np.uint8)
+    cdef int64_t[::1] job_col = job_of
+    cdef double[::1] t0_col = t0
+    cdef int64_t[::1] slot_col = slots
+    cdef float[:, ::1] value_rows
+    cdef const float[:, ::1] part
+    cdef const uint64_t[::1] part_seqs
+    cdef const uint8_t[::1] part_resets
+    cdef double started
+    out.bad = False
+    out.asked = False
+    for j in range(n_jobs):
+        job = jobs[j]
+        block = job.block
+        count = job.n
+        started = job.t0
+        if job.version:
+            out.asked = True
+        if block.bad:
+            out.bad = True
+        if n_jobs > 1:
+            out.session_ids.extend(block.session_ids)
+            if count:
+                value_rows = values
+                part = block.values
+                memcpy(&value_rows[at, 0], &part[0, 0], 4 * count * event_size)
+        if block.seqs is not None:
+            part_seqs = block.seqs
+            for i in range(count):
+                seq_col[at + i] = part_seqs[i]
+        if block.resets is not None:
+            part_resets = block.resets.view(np.uint8)
+            for i in range(count):
+                reset_col[at + i] = part_resets[i]
+        for i in range(count):
+            job_col[at + i] = j
+            t0_col[at + i] = started
+        at += count
+    out.values = values
+    out.seqs = seqs
+    out.resets = resets
+    out.job_of = job_of
+    out.t0 = t0
+    out.slots = slots
+    out.not_finite = _not_finite(values)
+    out.unknown = _lookup(index, out.session_ids, slot_col)
+    return out
+
+
+cdef list _not_finite(object values):
+    cdef const float[:, ::1] rows = values
+    cdef Py_ssize_t n = rows.shape[0], e = rows.shape[1], i, k
+    cdef list found = None
+    for i in range(n):
+        for k in range(e):
+            if not isfinite(rows[i, k]):
+                if found is None:
+                    found = []
+                found.append(i)
+                break
+    return found
+
+
+cdef Py_ssize_t _lookup(dict index, list ids, int64_t[::1] slots):
+    """Each id's row in ``index`` (-1: none); how many were not there."""
+    cdef Py_ssize_t n = len(ids), i, unknown = 0
+    cdef PyObject* row
+    for i in range(n):
+        row = NULL if index is None else PyDict_GetItem(index, ids[i])
+        if row is NULL:
+            slots[i] = -1
+            unknown += 1
+        else:
+            slots[i] = <int64_t><object>row
+    return unknown
+
+
+def first_per_row(const int64_t[::1] slots, Py_ssize_t max_batch, int64_t[::1] marks):
+    """Positions of the first event of each row in ``slots``, in order, at most ``max_batch``.
+
+    ``marks`` is scratch with a cell per row, all -1 on entry and again on return.
+    """
+    cdef Py_ssize_t n = slots.shape[0], i, taken = 0
+    picked = np.empty(min(n, max_batch), np.int64)
+    cdef int64_t[::1] out = picked
+    for i in range(n):
+        if taken == max_batch:
+            break
+        if marks[slots[i]] < 0:
+            marks[slots[i]] = i
+            out[taken] = i
+            taken += 1
+    for i in range(taken):
+        marks[slots[out[i]]] = -1
+    return picked[:taken]
