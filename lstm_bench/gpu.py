@@ -302,7 +302,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--check-models", action="store_true", help="the seed and fixture models vs the reference"
     )
     parser.add_argument("--fixtures", type=Path, default=FIXTURES, help=argparse.SUPPRESS)
-    parser.add_argument("--e2e", default="", help="the end-to-end tests' summary, to record")
     parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     args = parser.parse_args(argv)
     try:
@@ -341,8 +340,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "event_size": EVENT_SIZE,
         "tf32": False,
     }
-    if args.e2e:
-        result["end_to_end_tests"] = args.e2e
     if args.check_models:
         result["models"] = check_models(args.device, args.fixtures)
         worst = max(result["models"], key=lambda m: m["max_abs_diff"])

@@ -6,7 +6,8 @@
 #                                     image lacks, and split them into .gpu1/ ... .gpu5/
 #                                     (each <= 55 MiB, ignored by git through .git/info/exclude)
 #   tools/gpu_wheel.sh stash          on the GPU machine, in each call that carries a part:
-#                                     check it and keep it under $GPU_STASH (/tmp/lstm-gpu-parts)
+#                                     check it and keep it under $GPU_STASH (/tmp/lstm-gpu-parts);
+#                                     parts are looked for in $GPU_PARTS (the repository)
 #   tools/gpu_wheel.sh install [DIR]  on the GPU machine once every part is there: join, check
 #                                     the sha256, pip install --no-deps --target DIR
 #                                     (default /tmp/lstm-gpu-site); prints the PYTHONPATH to use
@@ -82,7 +83,7 @@ fetch() {
 stash() {
     mkdir -p "$STASH/deps"
     local dir found=0 name size sum kind
-    for dir in .gpu[1-9]; do
+    for dir in "${GPU_PARTS:-.}"/.gpu[1-9]; do
         [ -f "$dir/MANIFEST" ] || continue
         cp "$dir/MANIFEST" "$STASH/MANIFEST"
         while read -r kind name size sum; do
@@ -103,7 +104,7 @@ stash() {
 
 install() {
     local target=${1:-/tmp/lstm-gpu-site}
-    ls .gpu[1-9] >/dev/null 2>&1 && stash
+    if compgen -G "${GPU_PARTS:-.}/.gpu[1-9]/MANIFEST" >/dev/null; then stash; fi
     [ -f "$STASH/MANIFEST" ] || die "no parts stashed in $STASH: carry .gpu1/ ... .gpu5/ first"
     local kind name size sum wheel="" want="" missing=()
     while read -r kind name size sum; do
