@@ -22,10 +22,10 @@ ORT_GPU=onnxruntime-gpu==1.31.1
 PYTHON_VERSION=3.12
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64)
 # What the server and its tests need beyond the GPU image's own packages (it has numpy, onnx,
-# prometheus-client, pytest, pytest-timeout, hypothesis, h5py, safetensors, but not these,
-# or older ones than the generated stubs accept).
+# prometheus-client, pytest-timeout, hypothesis, h5py, safetensors, but not these, or maybe
+# older ones than the generated stubs and pytest-asyncio accept): the versions make test uses.
 DEPS=(grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2
-      pytest-asyncio==1.5.0 redis==8.1.0)
+      pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pytest-asyncio==1.5.0 redis==8.1.0)
 PART_BYTES=$((50 * 1024 * 1024))
 PARTS=5
 STASH=${GPU_STASH:-/tmp/lstm-gpu-parts}
