@@ -225,15 +225,12 @@ def test_lstm_serve_device_cuda_without_cuda_fails_in_one_line(device: str) -> N
         timeout=60,
         env={**os.environ, "LSTM_LOG_FORMAT": "text"},
     )
-    assert result.returncode == 1
-    said = [line for line in result.stderr.splitlines() if line.startswith("lstm-serve:")]
-    assert said == [
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
         f"lstm-serve: --device {device}: this onnxruntime build has no CUDA execution provider "
         f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a "
         "machine with an NVIDIA GPU, or use --device cpu / auto"
     ]
-    assert "Traceback" not in result.stderr + result.stdout
-    assert "listens" not in result.stdout and "gRPC on" not in result.stdout
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="checks the failure on a machine without CUDA")
