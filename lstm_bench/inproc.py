@@ -56,6 +56,7 @@ async def measure(
     rounds: int,
     inline_batch: int,
     profiler: cProfile.Profile | None = None,
+    pause: float = 0.0,
 ) -> None:
     metrics = Metrics(CollectorRegistry())
     access = StoreAccess(NullStore(), metrics)
@@ -86,6 +87,8 @@ async def measure(
         for b in begun:
             await b.job.future
             servicer._response(b)
+        if pause:
+            await asyncio.sleep(pause)  # the client's side of a round trip: the server idles
 
     for _ in range(20):
         await round_trip()
@@ -103,7 +106,7 @@ async def measure(
     print(
         f"{form}: {streams} requests x {events} events per round: "
         f"{cpu / n * 1e6:.1f} us CPU per request (ONNX Runtime {ort / n * 1e6:.1f}), "
-        f"wall {(time.perf_counter() - wall0) / n * 1e6:.1f} us"
+        f"wall {(time.perf_counter() - wall0 - rounds * pause) / n * 1e6:.1f} us"
     )
     await engine.stop()
     await access.stop()
@@ -117,13 +120,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=16, help="requests per round")
     parser.add_argument("--events", type=int, default=16, help="events per request")
     parser.add_argument("--rounds", type=int, default=300)
-    parser.add_argument("--inline-batch", type=int, default=0, help="as lstm-serve's flag")
+    parser.add_argument("--inline-batch", type=int, default=16, help="as lstm-serve's flag")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=15, help="functions listed by --profile")
+    parser.add_argument(
+        "--pause-ms",
+        type=float,
+        default=0.0,
+        help="idle time between rounds, as a network round trip leaves it (not counted in CPU)",
+    )
     args = parser.parse_args(argv)
     profiler = cProfile.Profile() if args.profile else None
     asyncio.run(
-        measure(args.form, args.streams, args.events, args.rounds, args.inline_batch, profiler)
+        measure(
+            args.form,
+            args.streams,
+            args.events,
+            args.rounds,
+            args.inline_batch,
+            profiler,
+            args.pause_ms / 1000,
+        )
     )
     if profiler is not None:
         # Calls are deterministic where CPU time is not: the count per request is the figure

@@ -6,10 +6,11 @@ import asyncio
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
+from itertools import accumulate
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
@@ -77,6 +78,88 @@ class BulkHistogram(Collector):
         yield family
 
 
+class Cell:
+    """One labelled counter's value, incremented with ``+=``: no call, no lock.
+
+    Only the event loop writes these; a scrape (another thread) reads each value
+    or the one just before it, never a torn one.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+
+class CounterCells(Collector):
+    """A counter family of ``Cell``s, for counts bumped on every run."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()):
+        self._name = name
+        self._doc = documentation
+        self._labelnames = tuple(labelnames)
+        self._cells: dict[tuple[str, ...], Cell] = {}
+        if not self._labelnames:
+            self.cell()
+
+    def cell(self, *labels: str) -> Cell:
+        """The cell of these label values (made once, then the same one)."""
+        cell = self._cells.get(labels)
+        if cell is None:
+            cell = self._cells[labels] = Cell()
+        return cell
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for labels, cell in list(self._cells.items()):
+            family.add_metric(labels, cell.value)
+        return [family]
+
+
+class HistogramCell:
+    """One labelled histogram: ``observe`` is one call and a bisect."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: list[float]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # "le" buckets: a value equal to a bound belongs to that bound's bucket.
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class HistogramCells(Collector):
+    """A histogram family of ``HistogramCell``s, for figures observed on every run."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
+    ):
+        self._name = name
+        self._doc = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = [float(b) for b in buckets]
+        self._cells: dict[tuple[str, ...], HistogramCell] = {}
+
+    def cell(self, *labels: str) -> HistogramCell:
+        cell = self._cells.get(labels)
+        if cell is None:
+            cell = self._cells[labels] = HistogramCell(self._bounds)
+        return cell
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for labels, cell in list(self._cells.items()):
+            cumulative = list(accumulate(cell.counts))
+            buckets = [(_le(b), c) for b, c in zip(self._bounds, cumulative)]
+            buckets.append(("+Inf", cumulative[-1]))
+            family.add_metric(labels, buckets, cell.sum)
+        return [family]
+
+
 class _LiveSessions(Collector):
     """``lstm_live_sessions``: the server's total, and ``lstm_model_live_sessions`` per version."""
 
@@ -102,10 +185,10 @@ class LaneMetrics:
     """One model version's metrics, bound once (not per run)."""
 
     def __init__(self, metrics: Metrics, model: str, version: str):
-        self.batch_size = metrics.batch_size.labels(model, version)
-        self.inference_seconds = metrics.inference_seconds.labels(model, version)
-        self.applied = metrics.model_events.labels(model, version, "applied")
-        self.duplicate = metrics.model_events.labels(model, version, "duplicate")
+        self.batch_size = metrics.batch_size.cell(model, version)
+        self.inference_seconds = metrics.inference_seconds.cell(model, version)
+        self.applied = metrics.model_events.cell(model, version, "applied")
+        self.duplicate = metrics.model_events.cell(model, version, "duplicate")
 
 
 def _le(bound: float) -> str:
@@ -118,10 +201,11 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.events = Counter(
-            "lstm_events", "Events answered, by outcome.", ["outcome"], registry=r
-        )
-        self._event_counters = {o: self.events.labels(o) for o in OUTCOMES}
+        self.events = CounterCells("lstm_events", "Events answered, by outcome.", ["outcome"])
+        r.register(self.events)
+        self._event_counters = {o: self.events.cell(o) for o in OUTCOMES}
+        self._applied = self._event_counters["applied"]
+        self._duplicate = self._event_counters["duplicate"]
         self.rpcs = Counter(
             "lstm_rpcs",
             "RPCs finished, by API (native, oip), method and gRPC status code.",
@@ -147,31 +231,31 @@ class Metrics:
         )
         r.register(self.event_seconds)
         r.register(self.queue_seconds)
-        self.batch_size = Histogram(
+        # Observed on every run: cells, not prometheus_client's objects (docs/PERFORMANCE.md).
+        self.batch_size = HistogramCells(
             "lstm_batch_size",
             "Events per ONNX Runtime run, by model version.",
             ["model", "version"],
-            buckets=BATCH_BUCKETS,
-            registry=r,
+            BATCH_BUCKETS,
         )
-        self.inference_seconds = Histogram(
+        self.inference_seconds = HistogramCells(
             "lstm_inference_duration_seconds",
             "Time of one ONNX Runtime run, by model version.",
             ["model", "version"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.model_events = Counter(
+        self.model_events = CounterCells(
             "lstm_model_events",
             "Events a model version ran (applied) or answered as duplicates (duplicate).",
             ["model", "version", "outcome"],
-            registry=r,
         )
-        self.inference_cpu = Counter(
-            "lstm_inference_cpu_seconds",
-            "CPU time ONNX Runtime spent in runs (its thread).",
-            registry=r,
+        self.inference_cpu = CounterCells(
+            "lstm_inference_cpu_seconds", "CPU time ONNX Runtime spent in runs (its thread)."
         )
+        self._inference_cpu = self.inference_cpu.cell()
+        for family in (self.batch_size, self.inference_seconds, self.model_events):
+            r.register(family)
+        r.register(self.inference_cpu)
         self._live: Callable[[], list[tuple[str, str, int]]] = list
         r.register(_LiveSessions(self))
         self.max_sessions = Gauge(
@@ -260,7 +344,31 @@ class Metrics:
 
     def count_events(self, outcome: str, n: int) -> None:
         if n:
-            self._event_counters[outcome].inc(n)
+            self._event_counters[outcome].value += n
+
+    def count_run(
+        self,
+        lane: LaneMetrics,
+        ran: int,
+        duplicate: int,
+        failed: str | None,
+        seconds: float,
+        cpu: float,
+    ) -> None:
+        """One run's counts: its events by outcome (``failed``: the outcome of its ``ran``
+        events when the run failed), its size, time and ONNX Runtime's CPU time."""
+        if failed is None:
+            self._applied.value += ran
+            lane.applied.value += ran
+        elif ran:
+            self._event_counters[failed].value += ran
+        if duplicate:
+            self._duplicate.value += duplicate
+            lane.duplicate.value += duplicate
+        if seconds >= 0:  # < 0: no run happened (every event a duplicate, or refused)
+            lane.batch_size.observe(ran)
+            lane.inference_seconds.observe(seconds)
+            self._inference_cpu.value += cpu
 
     def track_live_sessions(self, count: Callable[[], list[tuple[str, str, int]]]) -> None:
         """``count()``: (model, version, sessions in memory) of every loaded version."""

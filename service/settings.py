@@ -98,8 +98,12 @@ class Settings:
     )
     max_batch: int = field(default=1024, metadata={"help": "most events in one ONNX Runtime run"})
     inline_batch: int = field(
-        default=0,
-        metadata={"help": "runs of at most this many events skip the worker thread (0 = none)"},
+        default=16,
+        metadata={
+            "help": "runs of at most this many events run on the event loop, without the hop "
+            "to the ONNX Runtime thread; such a request that finds the engine idle runs at "
+            "once (0 = every run in the thread)"
+        },
     )
     max_events_per_request: int = field(
         default=65536, metadata={"help": "most events in one StepRequest"}

@@ -45,6 +45,13 @@ from service.worker import Worker
 log = logging.getLogger(__name__)
 
 
+class _RunFailed(Exception):
+    """A run did not happen; ``failure`` is how its events are answered."""
+
+    def __init__(self, failure: Failure):
+        self.failure = failure
+
+
 class Engine:
     """Owns the runs: one ONNX Runtime run at a time, one event per session per run."""
 
@@ -72,6 +79,12 @@ class Engine:
         self._wake = asyncio.Event()
         self._woken = False
         """Mirrors ``_wake.is_set()`` without a call per request."""
+        self._parked = False
+        """The run loop waits for work: nothing is pending or running."""
+        self._finished_at = 0.0
+        """When the last run ended (``perf_counter``)."""
+        self._run_seconds = 0.0
+        """How long the last run took, answering included."""
         self._idle = asyncio.Event()
         self._idle.set()
         self._loop = asyncio.get_running_loop()
@@ -151,11 +164,45 @@ class Engine:
             raise UnknownModel(f"no model {model!r} is loaded")
         job = Job(block, include_state, self._loop.create_future(), model, version)
         self._inbox.append(job)
-        if not self._woken:
+        if (
+            self._parked
+            and not self._woken  # nothing else waits for the run loop
+            and job.n <= self.inline_batch
+            and job.t0 - self._finished_at > self._run_seconds
+        ):
+            self._run_direct()
+        elif not self._woken:
             self._woken = True
             self._idle.clear()
             self._wake.set()
         return job
+
+    def _run_direct(self) -> None:
+        """Admit and run a small request on its caller's turn: the engine is idle.
+
+        A lone event then costs no wake-up of the run loop, no task switch and no
+        thread hop. Idle means the run loop waits for work and has waited longer
+        than its last run took: requests that come close behind one another (a
+        busy server) wake the run loop as usual and are batched together.
+        """
+        self._admit()
+        lane = self._next_lane()
+        if (
+            lane is not None
+            and len(lane.pool) <= self.inline_batch
+            and not lane.cache.persistent  # a commit awaits the store
+            and not lane.cache.lock.locked()
+        ):
+            try:
+                self._step_now(lane)
+            except Exception:  # as in the run loop: answer everyone rather than stop
+                log.exception("batcher run failed")
+                self._fail_everything()
+            lane.after_run()
+        if self._inbox or self._next_lane() is not None:
+            self._woken = True
+            self._idle.clear()
+            self._wake.set()
 
     def _admit(self) -> None:
         jobs, self._inbox = self._inbox, []
@@ -224,7 +271,11 @@ class Engine:
                     self._idle.set()
                 self._woken = False
                 self._wake.clear()
-                await self._wake.wait()
+                self._parked = True
+                try:
+                    await self._wake.wait()
+                finally:
+                    self._parked = False
                 continue
             async with lane.cache.lock:
                 try:
@@ -249,10 +300,42 @@ class Engine:
         plan = StepPlan.make(lane.pool, lane.table, self.max_batch)
         self._running = (lane, plan.slots)
         failure = await self._run(lane, plan) if plan.run_slots.size else None
+        self._done(lane, plan, failure)
+
+    def _step_now(self, lane: Lane) -> None:
+        """``_step`` without awaiting: a small run on the loop, no store to commit to."""
+        plan = StepPlan.make(lane.pool, lane.table, self.max_batch)
+        self._running = (lane, plan.slots)
+        failure = None
+        if plan.run_slots.size:
+            try:
+                output, states = self._infer(lane, plan)
+            except _RunFailed as exc:
+                failure = exc.failure
+            else:
+                step, last_seq = plan.counters(lane.table)
+                plan.apply(lane.table, output, states, step, last_seq, time.time())
+        self._done(lane, plan, failure)
+
+    def _done(self, lane: Lane, plan: StepPlan, failure: Failure | None) -> None:
+        """Answer a run's events and release their rows."""
         self._answer(lane, plan, failure)
         lane.table.finish(plan.slots)
         self._running = None
         self._count(lane, plan, failure)
+        self._finished_at = time.perf_counter()
+        self._run_seconds = self._finished_at - plan.started
+
+    def _infer(self, lane: Lane, plan: StepPlan) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run the model on the loop (a small run): its output and states (_RunFailed: why not)."""
+        self._check_store(lane)
+        started = time.perf_counter()
+        try:
+            output, states, cpu = lane.runtime.timed_run(plan.values, plan.states)
+        except Exception:
+            raise _RunFailed(self._model_failed(plan)) from None
+        self._ran(lane, plan, started, cpu)
+        return output, states
 
     async def _run(self, lane: Lane, plan: StepPlan) -> Failure | None:
         """Run the model, store the new rows, then apply them; how the run failed, if it did.
@@ -261,25 +344,22 @@ class Engine:
         reloaded, and their events go back to the front of the pool to run again.
         """
         cache, table = lane.cache, lane.table
-        if cache.failure is not None:
-            return (Code.UNAVAILABLE, STORE_FAILED)  # fail fast; the probe sees recovery
-        started = time.perf_counter()
-        self.metrics.queue_seconds.observe_many(started - plan.queued_at)
-        runtime = lane.runtime
         try:
             if plan.run_slots.size <= self.inline_batch:
-                # A tiny run costs less than the hop to the worker thread and back.
-                output, states, cpu = runtime.timed_run(plan.values, plan.states)
+                # A small run costs less than the hop to the worker thread and back.
+                output, states = self._infer(lane, plan)
             else:
-                output, states, cpu = await self._worker.call(
-                    runtime.timed_run, plan.values, plan.states
-                )
-        except Exception:
-            log.exception("ONNX Runtime failed on a batch of %d events", plan.run_slots.size)
-            return (Code.INTERNAL, MODEL_FAILED)
-        self.metrics.inference_cpu.inc(cpu)
-        lane.metrics.inference_seconds.observe(time.perf_counter() - started)
-        lane.metrics.batch_size.observe(plan.run_slots.size)
+                self._check_store(lane)
+                started = time.perf_counter()
+                try:
+                    output, states, cpu = await self._worker.call(
+                        lane.runtime.timed_run, plan.values, plan.states
+                    )
+                except Exception:
+                    return self._model_failed(plan)
+                self._ran(lane, plan, started, cpu)
+        except _RunFailed as exc:
+            return exc.failure
         step, last_seq = plan.counters(table)
         now = time.time()
         conflicts = None
@@ -298,6 +378,23 @@ class Engine:
             if moved:
                 self._moved_elsewhere(lane, moved)
         return None
+
+    @staticmethod
+    def _check_store(lane: Lane) -> None:
+        """A store that failed fails the run at once (its probe sees it recover)."""
+        if lane.cache.failure is not None:
+            raise _RunFailed((Code.UNAVAILABLE, STORE_FAILED))
+
+    @staticmethod
+    def _model_failed(plan: StepPlan) -> Failure:
+        log.exception("ONNX Runtime failed on a batch of %d events", plan.run_slots.size)
+        return (Code.INTERNAL, MODEL_FAILED)
+
+    def _ran(self, lane: Lane, plan: StepPlan, started: float, cpu: float) -> None:
+        """The model ran: its events' queue wait now; its time and CPU counted with the run."""
+        self.metrics.queue_seconds.observe_many(started - plan.queued_at)
+        plan.seconds = time.perf_counter() - started
+        plan.cpu = cpu
 
     def _moved_elsewhere(self, lane: Lane, session_ids: list[str]) -> None:
         """Another replica moved these sessions to another version: drop them here and read
@@ -325,15 +422,10 @@ class Engine:
 
     def _count(self, lane: Lane, plan: StepPlan, failure: Failure | None) -> None:
         ran = int(plan.run_slots.size)
-        applied, duplicate = 0 if failure else ran, int(plan.slots.size) - ran
-        self.metrics.count_events("applied", applied)
-        self.metrics.count_events("duplicate", duplicate)
-        if applied:
-            lane.metrics.applied.inc(applied)
-        if duplicate:
-            lane.metrics.duplicate.inc(duplicate)
-        if failure is not None:
-            self.metrics.count_events(OUTCOME[failure[0]], ran)
+        failed = None if failure is None else OUTCOME[failure[0]]
+        self.metrics.count_run(
+            lane.metrics, ran, int(plan.slots.size) - ran, failed, plan.seconds, plan.cpu
+        )
         self.metrics.event_seconds.observe_many(time.perf_counter() - plan.events["t0"])
 
     def _fail_everything(self) -> None:

@@ -8,6 +8,7 @@ stale back at the front of the pool.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,9 +34,16 @@ class StepPlan:
     """The applied events' seqs when any event of the run has one."""
     run_resets: np.ndarray | None = None
     """The applied events' reset flags (None: none resets)."""
+    started: float = 0.0
+    """When the plan was made (``perf_counter``)."""
+    seconds: float = -1.0
+    """How long the model ran (-1: it did not)."""
+    cpu: float = 0.0
+    """ONNX Runtime's CPU time in the run."""
 
     @classmethod
     def make(cls, pool: Pool, table: SessionTable, max_batch: int) -> StepPlan:
+        started = time.perf_counter()
         events = pool.take(pool.pick(max_batch, table.capacity))
         slots, seqs = events["slots"], events["seqs"]
         sequenced = bool(seqs.any())
@@ -60,7 +68,9 @@ class StepPlan:
         run_seqs = None
         if sequenced:
             run_seqs = seqs if all_apply else seqs[apply]
-        return cls(events, duplicate, all_apply, run_slots, values, states, run_seqs, run_resets)
+        return cls(
+            events, duplicate, all_apply, run_slots, values, states, run_seqs, run_resets, started
+        )
 
     @property
     def slots(self) -> np.ndarray:
