@@ -226,7 +226,11 @@ async def test_a_replica_stopped_as_kubernetes_stops_it_loses_no_answered_event(
         await sigterm.wait()
         return progress[0]
 
-    results = await asyncio.gather(kubernetes(), at_sigterm(), *map(device, range(n_sessions)))
+    run = asyncio.gather(kubernetes(), at_sigterm(), *map(device, range(n_sessions)))
+    try:
+        results = await asyncio.wait_for(run, 60)  # ~15 s; a stuck call fails here, not at 120
+    except asyncio.TimeoutError:
+        pytest.fail(f"stuck after {progress[0]} answers; the victim exited {victim.proc.poll()}")
     (code, killed, samples, held), answered_at_sigterm, *devices = results
     assert held > 0, "the victim held no session: nothing was tested"
     assert (code, killed) == (0, False), "the drain did not end within the grace period"
