@@ -1,6 +1,7 @@
 """One run split into host gather, upload, compute, download and scatter, on the CPU or a GPU.
 
-``python -m lstm_bench.gpu --device cpu|cuda[:N] [--quick] [--check-models] --out FILE``
+``python -m lstm_bench.gpu --device cpu|cuda[:N] [--quick] [--check-models] [--load DEVICE ...]``
+``--out FILE``
 
 For each stacked LSTM (random weights from ``model_export``, E = 32, H = 64,
 256, 1024, 1 and 2 layers) and batch size (16 … 4096), a run of the host-table
@@ -13,18 +14,22 @@ device: only events and outputs cross) and through a plain ``session.run``.
 
 ``--check-models`` also serves the seed model and every framework fixture on
 the device and records the largest difference from the float64 reference (with
-TF32 off, and on where the device is CUDA). Everything lands in one JSON file
-(``docs/perf/gpu.json`` from ``tools/gpu_check.sh``).
+TF32 off, and on where the device is CUDA). ``--load cpu cuda`` adds the load
+generator's columnar run (as ``make bench``: lstm-serve pinned to one core)
+against each model on each device: events/s, p50, p99, mean batch. Everything
+lands in one JSON file (``docs/perf/gpu.json`` from ``tools/gpu_check.sh``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.metadata
 import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -176,6 +181,80 @@ def _pool_run_us(
     return _median_us(lambda: state.run(event, slots), seconds)
 
 
+def _die_with_parent() -> None:
+    """``preexec_fn``: the server is killed when this tool dies, however it dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def _start_server(extra: list[str], cpus: set[int] | None) -> Any:
+    """``procs.start("server", ...)``, the server also dying with this process (Linux)."""
+    from lstm_bench import procs
+
+    command = [*procs.server_command(), *extra]
+    linux = sys.platform.startswith("linux")
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent if linux else None
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "gRPC on" not in line:
+        proc.kill()
+        raise RuntimeError(f"lstm-serve did not start: {line!r}")
+    if cpus:
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):  # threads started before the pin
+            os.sched_setaffinity(int(tid), cpus)
+    port, metrics = procs.parse_ports(line)
+    return procs.Target("server", proc, port, metrics)
+
+
+def load_rows(
+    devices: Sequence[str],
+    hidden: Sequence[int],
+    layers: Sequence[int],
+    duration: float,
+    client_procs: int = 2,
+) -> list[dict[str, Any]]:
+    """The load generator's columnar run (as ``make bench``: the server pinned to one core)
+    against lstm-serve with each model on each device: events/s, p50, p99, mean batch."""
+    from lstm_bench.cli import cpu_split, measure
+    from lstm_bench.load import Shape
+
+    server_cpus, client_cpus = cpu_split(True)
+    shape = Shape(duration=duration, warmup=1.0, event_size=EVENT_SIZE)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lstm-gpu-load-") as work:
+        for h in hidden:
+            for n in layers:
+                model = Path(work) / f"lstm_h{h}_l{n}.onnx"
+                model.write_bytes(step_model(h, n))
+                for device in devices:
+                    extra = ["--model", str(model), "--device", device, "--log-level", "WARNING"]
+                    target = _start_server(extra, server_cpus)
+                    try:
+                        run = measure(
+                            target, shape, f"{device} H={h} L={n}", client_procs, client_cpus
+                        )
+                    finally:
+                        target.stop()
+                    rows.append(
+                        {
+                            "device": device,
+                            "hidden": h,
+                            "layers": n,
+                            "form": shape.form,
+                            "streams": shape.streams,
+                            "events_per_request": shape.events_per_request,
+                            "events_per_s": round(run["events_per_s"]),
+                            "p50_ms": round(run["latency_ms"]["p50"], 3),
+                            "p99_ms": round(run["latency_ms"]["p99"], 3),
+                            "mean_batch": run["mean_batch"] and round(run["mean_batch"], 1),
+                            "errors": run["errors"],
+                        }
+                    )
+                    print(f"load {device} H={h} L={n}: {rows[-1]}", flush=True)
+    return rows
+
+
 def _fixture_arch(info: dict[str, Any], where: Path) -> Any:
     """The Architecture ``lstm-export`` builds from a fixture's own export arguments."""
     from model_export.cli import parse_args
@@ -302,6 +381,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--check-models", action="store_true", help="the seed and fixture models vs the reference"
     )
     parser.add_argument("--fixtures", type=Path, default=FIXTURES, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--load",
+        nargs="*",
+        metavar="DEVICE",
+        help="also the load generator's columnar table against lstm-serve on these devices "
+        "(e.g. cpu cuda), for every --hidden and --layers",
+    )
+    parser.add_argument(
+        "--load-seconds", type=float, default=4.0, help="seconds measured per load run"
+    )
     parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     args = parser.parse_args(argv)
     try:
@@ -359,6 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
     result["rows"] = rows
     result["sessions_rows"] = sessions_rows(args.device, seconds, args.threads, counts)
+    if args.load:
+        result["load_rows"] = load_rows(args.load, hidden, layers, args.load_seconds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as f:
         json.dump(result, f, indent=1)

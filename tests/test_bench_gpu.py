@@ -1,8 +1,10 @@
-"""lstm_bench.gpu rehearsed on the CPU: the run split, the device-state rows, the model check."""
+"""lstm_bench.gpu rehearsed on the CPU: run split, device-state rows, model check, load table."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,26 +18,33 @@ from tests.model_export.frameworks import SPECS
 PHASES = ("gather", "upload", "compute", "download", "scatter")
 
 
+def die_with_parent() -> None:
+    """``preexec_fn``: the tool (and so the server it starts) dies with the test process."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lstm_bench.gpu", *args],
         capture_output=True,
         text=True,
         timeout=100,
+        preexec_fn=die_with_parent,
     )
 
 
 def test_quick_run_writes_every_phase_and_the_model_check(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     done = bench("--quick", "--check-models", "--seconds", "0.01", "--sessions", "1000", "4096",
-                 "--device", "cpu", "--out", str(out))  # fmt: skip
+                 "--device", "cpu", "--layers", "2", "--load", "cpu", "--load-seconds", "0.5",
+                 "--out", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert (result["provider"], result["device"]) == ("CPUExecutionProvider", "cpu")
     assert result["machine"]["gpu"] is None and result["tf32"] is False
     assert result["onnxruntime"]["version"] == ort.__version__
     grid = {(r["hidden"], r["layers"], r["batch"]) for r in result["rows"]}
-    assert grid == {(64, 1, 16), (64, 1, 256), (64, 2, 16), (64, 2, 256)}
+    assert grid == {(64, 2, 16), (64, 2, 256)}
     for row in result["rows"]:
         assert all(row[f"{p}_us"] > 0 for p in PHASES), row
         assert row["split_total_us"] == pytest.approx(sum(row[f"{p}_us"] for p in PHASES), 0.01)
@@ -47,6 +56,12 @@ def test_quick_run_writes_every_phase_and_the_model_check(tmp_path: Path) -> Non
     assert checked["lstm_3layer_proj_linear"]["against"] == "float64 reference"
     assert all(m["ok"] and m["max_abs_diff"] <= 1e-5 for m in checked.values()), checked
     assert "tf32_max_abs_diff" not in checked["seed"]  # TF32 exists on CUDA only
+    # The load generator against lstm-serve with each model: answered, batched, timed.
+    load = {(r["device"], r["hidden"], r["layers"]): r for r in result["load_rows"]}
+    assert set(load) == {("cpu", 64, 2)}
+    for row in load.values():
+        assert row["events_per_s"] > 0 and row["errors"] == 0 and row["mean_batch"] >= 1
+        assert 0 < row["p50_ms"] <= row["p99_ms"]
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="checks the failure on a machine without CUDA")

@@ -9,8 +9,8 @@
 #                                   written to /tmp/gpu-rehearsal.json: checks the script itself
 #
 # Environment: GPU_PYTHON (python3), GPU_DEVICE (cuda), GPU_OUT (docs/perf/gpu.json),
-# GPU_TESTS (the test files), GPU_TEST_SECONDS (300), GPU_BENCH_ARGS (lstm_bench.gpu flags,
-# --seconds 0.1), GPU_PARTS (where .gpu1/ ... are: the repository), GPU_SITE (/tmp/lstm-gpu-site:
+# GPU_TESTS (the test files), GPU_TEST_SECONDS (240), GPU_BENCH_ARGS (lstm_bench.gpu flags,
+# --seconds 0.1 --load cpu cuda --load-seconds 3), GPU_PARTS (where .gpu1/ ... are: the repository), GPU_SITE (/tmp/lstm-gpu-site:
 # where tools/gpu_wheel.sh install puts onnxruntime-gpu).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -25,8 +25,8 @@ TESTS=${GPU_TESTS:-tests/service/test_runtime.py tests/service/test_devstate.py
 tests/service/test_semantics.py tests/service/test_streaming.py tests/service/test_sessions.py
 tests/service/test_imported_models.py tests/service/test_batcher.py tests/service/test_metrics.py
 tests/service/test_lifecycle.py tests/service/test_bad_input.py tests/service/test_versions.py}
-TEST_SECONDS=${GPU_TEST_SECONDS:-300}
-BENCH_ARGS=${GPU_BENCH_ARGS:---seconds 0.1}
+TEST_SECONDS=${GPU_TEST_SECONDS:-240}
+BENCH_ARGS=${GPU_BENCH_ARGS:---seconds 0.1 --load cpu $DEVICE --load-seconds 3}
 REHEARSE=0
 
 say() { echo "gpu_check: $*"; }
@@ -35,7 +35,7 @@ die() { echo "gpu_check: $*" >&2; exit 1; }
 if [ "${1:-}" = --rehearse ]; then
     REHEARSE=1 DEVICE=cpu OUT=${GPU_OUT:-/tmp/gpu-rehearsal.json}
     TESTS=${GPU_TESTS:-tests/service/test_runtime.py tests/service/test_devstate.py}
-    BENCH_ARGS=${GPU_BENCH_ARGS:---quick --seconds 0.02 --sessions 1000 4096}
+    BENCH_ARGS=${GPU_BENCH_ARGS:---quick --seconds 0.02 --sessions 1000 4096 --hidden 64 --layers 1 --load cpu --load-seconds 1}
 elif [ -n "${1:-}" ]; then
     die "usage: tools/gpu_check.sh [--rehearse]"
 fi
