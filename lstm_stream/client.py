@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -526,11 +527,21 @@ class Client:
         deadline = None
         current = [0]  # the live stream's number; an older request iterator stops
         exhausted = False
+        # A replaced stream's iterator may still be blocked reading ``source`` (a pipe, a
+        # terminal) in gRPC's thread: ``reading`` lets one iterator read at a time, and a
+        # batch it reads for a stream already replaced is handed to the live one, in order.
+        reading = threading.Lock()
+        handed: list[Any] = []
+        # ``switching``: a request is numbered and queued wholly before or after a reconnect
+        # takes its snapshot of what to send again.
+        switching = threading.Lock()
         while True:
-            current[0] += 1
+            with switching:
+                current[0] += 1
+                replay = tuple(pending)
 
             def requests(
-                mine: int = current[0], replay: tuple[_Request, ...] = tuple(pending)
+                mine: int = current[0], replay: tuple[_Request, ...] = replay
             ) -> Iterator[pb.StepRequest]:
                 nonlocal exhausted
                 for request in replay:
@@ -538,16 +549,22 @@ class Client:
                 while True:
                     while len(pending) >= self.window and mine == current[0]:
                         time.sleep(0.0005)  # the reader below frees room as answers arrive
-                    if mine != current[0] or exhausted:
-                        return  # a reconnect replaced this stream
-                    try:
-                        ids, values, *extra = next(source)
-                    except StopIteration:
-                        exhausted = True
-                        return
-                    self._prepare(ids)
-                    request = self.core.request(ids, values, *_resets_seqs(extra))
-                    pending.append(request)
+                    with reading:
+                        if mine != current[0] or exhausted:
+                            return  # a reconnect replaced this stream
+                        try:
+                            batch = handed.pop() if handed else next(source)
+                        except StopIteration:
+                            exhausted = True
+                            return
+                        ids, values, *extra = batch
+                        self._prepare(ids)
+                        with switching:
+                            if mine != current[0]:
+                                handed.append(batch)
+                                return
+                            request = self.core.request(ids, values, *_resets_seqs(extra))
+                            pending.append(request)
                     yield request.message
 
             call = self.stub.StreamSteps(requests(), metadata=metadata)
@@ -722,6 +739,7 @@ class AsyncClient:
         metadata = self.core.routed([session_id] if session_id is not None else [])
         source = iter(batches)
         pending: collections.deque[_Request] = collections.deque()
+        handed: list[Any] = []
         exhausted = False
         deadline = None
         while True:
@@ -740,12 +758,17 @@ class AsyncClient:
                 while True:
                     await room.acquire()
                     try:
-                        ids, values, *extra = next(source)
+                        batch = handed.pop() if handed else next(source)
                     except StopIteration:
                         exhausted = True
                         await call.done_writing()
                         return
-                    await self._prepare(ids)
+                    ids, values, *extra = batch
+                    try:
+                        await self._prepare(ids)
+                    except asyncio.CancelledError:
+                        handed.append(batch)  # the stream broke: the next one sends it
+                        raise
                     request = self.core.request(ids, values, *_resets_seqs(extra))
                     pending.append(request)
                     await call.write(request.message)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import pty
-import signal
 import subprocess
 import sys
 import time
@@ -21,13 +19,14 @@ from service.server import Server
 from tests.conftest import ServerFactory
 from tests.service.reference import Reference
 
-CLIENT = [sys.executable, "-m", "lstm_stream.cli"]
-PR_SET_PDEATHSIG = 1
-
-
-def dies_with_parent() -> None:
-    """Run in the child before exec: the kernel kills it when the test process dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+DIES_WITH_PARENT = (
+    "import ctypes, runpy, signal; "
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL); "  # 1: PR_SET_PDEATHSIG
+    "runpy.run_module('lstm_stream.cli', run_name='__main__')"
+)
+CLIENT = [sys.executable, "-c", DIES_WITH_PARENT]
+"""``lstm-client``, killed by the kernel if the test process dies. Set in the child itself:
+a ``preexec_fn`` would fork this process, gRPC's threads and all."""
 
 
 async def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -38,16 +37,13 @@ async def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProce
         capture_output=True,
         text=True,
         timeout=120,
-        preexec_fn=dies_with_parent,
     )
 
 
 async def start_client(*args: str, **streams: int) -> asyncio.subprocess.Process:
     """``lstm-client ARGS`` running, its pipes (stdin, stdout, stderr) ours unless given."""
     pipes = {name: asyncio.subprocess.PIPE for name in ("stdin", "stdout", "stderr")}
-    return await asyncio.create_subprocess_exec(
-        *CLIENT, *args, **{**pipes, **streams}, preexec_fn=dies_with_parent
-    )
+    return await asyncio.create_subprocess_exec(*CLIENT, *args, **{**pipes, **streams})
 
 
 def jsonl(*records: dict[str, object]) -> str:
@@ -247,7 +243,9 @@ async def test_seq_in_jsonl_is_sent_and_a_duplicate_is_not_applied_again(server:
     for k, expected in applied.items():
         np.testing.assert_allclose(records[k]["output"], expected, atol=1e-5)
     np.testing.assert_allclose(records[1]["output"], records[0]["output"])  # the last applied
-    got = json.loads((await run("--address", address, "get", "q")).stdout)
+    got_q = await run("--address", address, "get", "q")
+    assert got_q.returncode == 0, (got_q.returncode, got_q.stderr)
+    got = json.loads(got_q.stdout)
     assert (got["step"], got["last_seq"]) == (4, 9)
 
 
