@@ -49,8 +49,11 @@ STORE_CHECK_S = 30.0
 MOVE_BATCH = 4096
 """Sessions a retiring version moves at once."""
 SETTLE_S = 2.0
-"""Without polling: a failed version whose files changed this recently is not settled yet,
-and is tried again this much later (polling: the poll interval, and the next scan)."""
+"""Without polling, a version not settled yet is tried again this much later (polling: at
+the next scan). A model's first scan takes files changed this recently as not settled."""
+MTIME_SLACK_S = 1.0
+"""File times come from a coarser clock than ours (and another host's, on a network disk):
+a file counts as changed after a scan when it changed up to this long before it."""
 
 
 class Repository(Protocol):
@@ -118,6 +121,8 @@ class Registry:
         self.failed: dict[tuple[str, int], FailedLoad] = {}
         self._seen: dict[tuple[str, int], Signature] = {}
         """Each version's files at the previous scan (unchanged across two: settled)."""
+        self._scanned: dict[str, float] = {}
+        """When each model's previous scan began (time.time())."""
         self._config_reported: dict[str, object] = {}
         self._retry: asyncio.Task[None] | None = None
         self.configs: dict[str, ModelConfig] = {}
@@ -175,6 +180,7 @@ class Registry:
         ``unload_missing``: models no longer in the repository are unloaded (poll mode).
         """
         async with self._lock:
+            scanned_at = time.time()
             try:
                 found = await asyncio.to_thread(self.repository.scan)
             except (OSError, ConfigError) as exc:
@@ -187,7 +193,7 @@ class Registry:
                     self._forget(name, set())
                     await self._unload(name, "not in the repository")
                     continue
-                await self._apply(entry)
+                await self._apply(entry, scanned_at)
             if unload_missing:
                 for name in [n for n in self.engine.models if n not in found]:
                     await self._unload(name, "removed from the repository")
@@ -197,11 +203,12 @@ class Registry:
         """Load (or reload) a model as the repository has it now (explicit control); a
         version that failed before is tried again even if its files did not change."""
         async with self._lock:
+            scanned_at = time.time()
             found = await asyncio.to_thread(self.repository.scan)
             entry = found.get(name)
             if entry is None:
                 raise UnknownModel(f"no model {name!r} in the repository")
-            await self._apply(entry, again=True)
+            await self._apply(entry, scanned_at, again=True)
             self._retry_unsettled()
             status = [s for s in self.status.values() if s.model == name]
             if name not in self.engine.models or self.engine.models[name].newest is None:
@@ -221,15 +228,22 @@ class Registry:
                 raise UnknownModel(f"no model {name!r} is loaded")
             await self._unload(name, "unloaded")
 
-    async def _apply(self, entry: RepositoryModel, again: bool = False) -> None:
-        """Bring a model's versions to what the repository and the policy say; ``again``:
-        also try versions whose last load failed on the files they still have."""
+    async def _apply(self, entry: RepositoryModel, scanned_at: float, again: bool = False) -> None:
+        """Bring a model's versions to what the repository (scanned at ``scanned_at``) and the
+        policy say; ``again``: also try versions whose last load failed on the same files."""
         name = entry.name
         self._forget(name, set(entry.versions))
         for version, reason in entry.missing.items():
             if (name, version) not in self.status or self.status[(name, version)].state != READY:
                 self._set(name, version, UNAVAILABLE, reason)
-        stable = {v: self._seen.get((name, v)) == sig for v, sig in entry.signatures.items()}
+        # Files that changed since the previous scan began may still be being written: a
+        # load of them that fails is not settled yet, unless two scans saw them the same.
+        since = self._scanned.get(name, scanned_at - self.settle_s) - MTIME_SLACK_S
+        self._scanned[name] = scanned_at
+        settled = {
+            v: self._seen.get((name, v)) == sig or newest_change_ns(sig) < since * 1e9
+            for v, sig in entry.signatures.items()
+        }
         self._seen.update({(name, v): sig for v, sig in entry.signatures.items()})
         if entry.problem is not None or entry.config is None:
             # Said once per change of the files, not at every scan.
@@ -270,7 +284,7 @@ class Registry:
             ):
                 continue  # the same files fail the same way
             lane = await self._load(
-                name, version, entry.versions[version], config, signature, stable.get(version)
+                name, version, entry.versions[version], config, signature, settled.get(version)
             )
             if lane is not None and version in pinned:
                 self._retire(self.engine.models[name], lane, "drain")
@@ -302,12 +316,12 @@ class Registry:
         path: str | None,
         config: ModelConfig,
         signature: Signature = (),
-        stable: bool | None = None,
+        settled: bool | None = True,
     ) -> Lane | None:
         """Load, check and warm a version up off the loop; the lane once it serves.
 
-        ``signature``: the version's files as scanned; ``stable``: whether the previous
-        scan saw them the same (None: no previous scan saw the version).
+        ``signature``: the version's files as scanned; ``settled``: whether a failure is
+        final (else the files may still be being written: tried again at the next scan).
         """
         self._set(name, version, LOADING)
         s = self.settings
@@ -320,7 +334,7 @@ class Registry:
             await asyncio.to_thread(runtime.warm_up, s.max_batch)
             lane = await self.install(name, version, runtime, data, config)
         except (ModelContractError, StoreMismatchError, StoreError, StoreUnavailable) as exc:
-            self._failed_load(name, version, str(exc), signature, stable)
+            self._failed_load(name, version, str(exc), signature, bool(settled) or not signature)
             return None
         self.failed.pop((name, version), None)
         spec = runtime.spec
@@ -336,12 +350,10 @@ class Registry:
         return lane
 
     def _failed_load(
-        self, name: str, version: int, error: str, signature: Signature, stable: bool | None
+        self, name: str, version: int, error: str, signature: Signature, settled: bool
     ) -> None:
-        """Record a failed load: final, or not settled yet when the version's files changed
-        since the previous scan and within the last ``settle_s`` (a copy still going on)."""
-        age = time.time() - newest_change_ns(signature) / 1e9
-        settled = not signature or bool(stable) or age >= self.settle_s
+        """Record a failed load: final (the index says "load failed", the failure is
+        counted), or not settled yet (LOADING, and why; tried again at the next scan)."""
         self.failed[(name, version)] = FailedLoad(signature, error, settled)
         if settled:
             reason = f"load failed: {error}"
@@ -350,11 +362,12 @@ class Registry:
             self._set(name, version, UNAVAILABLE, reason)
             self.metrics.load_failures.labels(name).inc()
             return
-        newest = max(signature, key=lambda file: file[2])[0]
+        path, size, mtime_ns = max(signature, key=lambda file: file[2])
+        age = max(time.time() - mtime_ns / 1e9, 0.0)
         when = "at the next scan" if self.poll_s is not None else f"in {self.settle_s:g}s"
         reason = (
-            f"not settled yet: {name}/{newest} changed {max(age, 0.0):.1f}s ago and the load "
-            f"failed ({error}); tried again {when}"
+            f"not settled yet: {name}/{path} ({size} bytes) changed {age:.1f}s ago and the "
+            f"load failed ({error}); tried again {when}"
         )
         log.warning("%s version %d: %s", name, version, reason)
         self._set(name, version, LOADING, reason)
@@ -369,6 +382,8 @@ class Registry:
                 self._set(name, key[1], UNAVAILABLE, "not in the repository")
         for key in [k for k in self._seen if k[0] == name and k[1] not in present]:
             del self._seen[key]
+        if not present:
+            self._scanned.pop(name, None)
 
     def _retry_unsettled(self) -> None:
         """Without polling, nothing else looks again: a version not settled yet is tried
