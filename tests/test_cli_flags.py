@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from lstm_bench import cli as bench_cli
 from lstm_bench import echo
 from lstm_stream import cli as client_cli
 from service.settings import Settings
+from tests.service.test_lifecycle import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,6 +29,39 @@ def test_lstm_serve_refuses_an_abbreviated_flag(capsys: pytest.CaptureFixture[st
     assert Settings.from_args(["--max-batch", "5"], env={}).max_batch == 5
     assert exit_code(lambda: Settings.from_args(["--max-batc", "5"], env={})) == 2
     assert "unrecognized arguments: --max-batc" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "words"),
+    [
+        (
+            ["--max-batc", "5"],
+            {},
+            "unrecognized arguments: --max-batc 5; did you mean --max-batch?",
+        ),
+        (["--port", "http"], {}, "argument --port: invalid int value: 'http'"),
+        (["--port", "70000"], {}, "--port must be 0..65535"),
+        ([], {"LSTM_MAX_BATCH": "many"}, "LSTM_MAX_BATCH='many' is not a valid int"),
+    ],
+)
+def test_a_usage_error_of_lstm_serve_is_one_line(
+    argv: list[str], env: dict[str, str], words: str
+) -> None:
+    """The real command: one line naming the problem (and the flag meant), exit 2; not the
+    usage block of every flag."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LSTM_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "service", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **env},
+        preexec_fn=die_with_parent,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"lstm-serve: error: {words} (--help lists every flag)"], (
+        done.stderr
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,16 @@
-"""Health, warm-up, disconnects, and SIGTERM drain against the real server."""
+"""Health, warm-up, disconnects, SIGTERM drain, and failed starts against the real server."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -103,11 +106,41 @@ async def test_client_disconnect_mid_stream_leaves_server_healthy(
     assert got[0].step == state.step + 1
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child is killed when the test process dies, however it dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def start_subprocess(*args: str) -> tuple[subprocess.Popen[str], int]:
     """``python -m service`` on free ports, as the bench starts it; (process, gRPC port)."""
-    target = procs.start("server", None, ["--device", DEVICE, *args])
-    assert target.proc is not None
-    return target.proc, target.port
+    command = [*procs.server_command(), "--device", DEVICE, *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "gRPC on" not in line:
+        proc.kill()
+        raise RuntimeError(f"the server did not start: {line!r}")
+    return proc, procs.parse_ports(line)[0]
+
+
+def failed_start(*args: str, device: str = DEVICE) -> tuple[int, list[str]]:
+    """Start ``lstm-serve`` as a user would (default logging, no LSTM_* variables) with
+    ``args`` on free ports; (exit code, stderr lines). It must not start."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LSTM_")}
+    command = [sys.executable, "-m", "service", "--port", "0", "--metrics-port", "0"]
+    done = subprocess.run(
+        [*command, "--device", device, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        preexec_fn=die_with_parent,
+    )
+    assert "gRPC on" not in done.stdout, "it started"
+    return done.returncode, done.stderr.splitlines()
 
 
 async def test_sigterm_finishes_in_flight_requests_and_exits_0() -> None:
@@ -189,17 +222,10 @@ def test_device_cuda_without_cuda_fails_at_start() -> None:
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "--port", "0", "--metrics-port", "0", "--device", "cuda"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "LSTM_LOG_FORMAT": "text"},
-    )
-    assert result.returncode == 1
-    assert "--device cuda: this onnxruntime build has no CUDA execution provider" in result.stderr
-    assert "install onnxruntime-gpu" in result.stderr
-    assert "Traceback" not in result.stderr
+    code, [line] = failed_start(device="cuda")
+    assert code == 1
+    assert line.startswith("lstm-serve: --device cuda: this onnxruntime build has no CUDA")
+    assert "install onnxruntime-gpu" in line
     assert time.monotonic() - started < 30
 
 
@@ -251,20 +277,81 @@ async def test_make_run_serves() -> None:
 
 
 def test_a_port_in_use_is_one_clear_line_and_exit_1() -> None:
-    """Another process has the port: no traceback, the address, the flag to change."""
-    import socket
-
+    """Another process has the port: one line (not grpc's own as well), the address, the
+    flag to change."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        base = [sys.executable, "-m", "service", "--device", DEVICE, "--log-format", "text"]
-        for flags, words in (
-            (["--port", str(port), "--metrics-port", "0"], ["gRPC", "--port"]),
-            (["--port", "0", "--metrics-port", str(port)], ["metrics", "--metrics-port"]),
-        ):
-            done = subprocess.run([*base, *flags], capture_output=True, text=True, timeout=60)
-            assert done.returncode == 1, done.stderr
-            assert "Traceback" not in done.stderr
-            [line] = [ln for ln in done.stderr.splitlines() if ln.startswith("lstm-serve:")]
-            assert f"127.0.0.1:{port}" in line and all(w in line for w in words), line
+        for flag, words in (("--port", "gRPC"), ("--metrics-port", "metrics")):
+            code, lines = failed_start(flag, str(port))
+            assert code == 1 and len(lines) == 1, lines
+            assert lines[0].startswith(
+                f"lstm-serve: cannot {'listen' if flag == '--port' else 'serve'}"
+            )
+            assert f"127.0.0.1:{port}" in lines[0] and words in lines[0], lines
+            assert f"pick another with {flag} " in lines[0], lines
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, never listening: refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def contract_breaking_model(path: Path) -> Path:
+    """An ONNX model that loads but is no step model (no ``event`` input)."""
+    from onnx import TensorProto, helper, save_model
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    save_model(helper.make_model(graph), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "words"),
+    [
+        ("model missing", 1, "cannot read model {tmp}/missing.onnx: No such file or directory"),
+        ("model corrupt", 1, "ONNX Runtime cannot load {tmp}/corrupt.onnx: "),
+        ("model breaks the contract", 1, "{tmp}/contract.onnx: no input named 'event'"),
+        ("store URL", 2, "error: --state-store 'bogus://x': expected memory, sqlite:///"),
+        ("store unreachable", 1, "cannot open state store redis://127.0.0.1:"),
+        ("store directory missing", 1, "cannot open state store {tmp}/none/state.db"),
+        ("TLS certificate missing", 1, "cannot read TLS certificate {tmp}/cert.pem"),
+        ("token file missing", 1, "cannot read token file {tmp}/tokens"),
+        ("repository missing", 1, "--model-repository {tmp}/repo: no such directory"),
+        ("host not here", 1, "cannot listen for gRPC on 192.0.2.1:0: Cannot assign"),
+        ("log level", 2, "error: --log-level must be DEBUG, INFO, WARNING or ERROR"),
+    ],
+)
+def test_a_failed_start_is_one_line(tmp_path: Path, case: str, code: int, words: str) -> None:
+    """Each way a start fails prints its reason once, as one line on stderr (no log lines
+    of the same error, no draining/stopped, no traceback): exit 2 for usage, 1 otherwise."""
+    (tmp_path / "corrupt.onnx").write_bytes(b"this is not an ONNX model")
+    args = {
+        "model missing": ["--model", f"{tmp_path}/missing.onnx"],
+        "model corrupt": ["--model", f"{tmp_path}/corrupt.onnx"],
+        "model breaks the contract": [
+            "--model",
+            str(contract_breaking_model(tmp_path / "contract.onnx")),
+        ],
+        "store URL": ["--state-store", "bogus://x"],
+        "store unreachable": ["--state-store", f"redis://127.0.0.1:{closed_port()}/0"],
+        "store directory missing": ["--state-store", f"sqlite://{tmp_path}/none/state.db"],
+        "TLS certificate missing": [
+            "--tls-cert",
+            f"{tmp_path}/cert.pem",
+            "--tls-key",
+            f"{tmp_path}/key.pem",
+        ],
+        "token file missing": ["--auth-tokens", f"{tmp_path}/tokens"],
+        "repository missing": ["--model-repository", f"{tmp_path}/repo"],
+        "host not here": ["--host", "192.0.2.1"],  # TEST-NET-1: no machine has it
+        "log level": ["--log-level", "loud"],
+    }[case]
+    got, lines = failed_start(*args)
+    assert (got, len(lines)) == (code, 1), lines
+    assert lines[0].startswith("lstm-serve: " + words.format(tmp=tmp_path)), lines
