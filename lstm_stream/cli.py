@@ -225,6 +225,11 @@ def floats(values: list[Any], session_id: str) -> list[float]:
     return out
 
 
+def where(number: int, session_id: str | None) -> str:
+    """How an error line names its input line: the number, and the session when known."""
+    return f"line {number}" if session_id is None else f"line {number}: session {session_id!r}"
+
+
 def read_lines(source: IO[str], fmt: str, columns: CsvColumns) -> Iterator[tuple[int, str]]:
     """Non-blank lines with their numbers; a CSV header (see the module's doc) is skipped
     and what it names is set in ``columns``."""
@@ -268,7 +273,7 @@ def stream_command(client: Client, args: argparse.Namespace) -> int:
                 chunk.append((number, parse_line(text, fmt, event_size, columns)))
             except LineError as exc:
                 unparsable[0] += 1
-                complain(f"line {number}: {exc}")
+                complain(f"{where(number, exc.session_id)}: {exc}")
                 chunk.append((number, exc))
             if len(chunk) >= args.batch:
                 yield from emit(chunk)
@@ -305,7 +310,7 @@ def stream_command(client: Client, args: argparse.Namespace) -> int:
             if code:
                 refused[0] += 1
                 record["error"] = results.errors[k]
-                complain(f"line {number}: refused: {results.errors[k]}")
+                complain(f"{where(number, parsed.session_id)}: refused: {results.errors[k]}")
             else:
                 record["step"] = int(results.steps[k])
                 record["seq"] = int(results.seqs[k])

@@ -330,7 +330,7 @@ async def test_unknown_keys_and_values_beyond_float32_refuse_their_line(server: 
     assert errors[5] is None and records[5]["step"] == 1  # only the good line was applied
     assert all(r["session_id"] == "k" for r in records)
     assert done.stderr.splitlines() == [
-        f"lstm-client: line {n}: {e}" for n, e in zip(range(1, 6), errors[:5])
+        f"lstm-client: line {n}: session 'k': {e}" for n, e in zip(range(1, 6), errors[:5])
     ]  # no RuntimeWarning from numpy
 
 
