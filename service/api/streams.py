@@ -55,13 +55,24 @@ class _Barrier(_Control):
         self.done = asyncio.Event()
 
 
+class _Writer:
+    """Whether a stream's writer is answering a request (else it waits for the next one)."""
+
+    __slots__ = ("busy",)
+
+    def __init__(self) -> None:
+        self.busy = False
+
+
 class Streams:
     """The open streams of one API, answered in order and drained together.
 
     Each stream has a reader task, which reads at most ``window`` requests ahead
     (past that the client feels flow control) and begins each one, and a writer
     (the handler itself), which awaits each request's job in request order and
-    writes its response.
+    writes its response. A request answered as it began (the engine was idle)
+    while the writer has nothing to write is written by the reader itself: one
+    task switch less for a lone request, and order is kept.
     """
 
     def __init__(self, window: int, gauge: Gauge | None = None):
@@ -102,15 +113,18 @@ class Streams:
             raise EngineClosed("the server is draining")
         queue: asyncio.Queue[Any] = asyncio.Queue()
         window = asyncio.Semaphore(self.window)
+        writer = _Writer()
         reader = asyncio.get_running_loop().create_task(
-            self._read(context, queue, window, begin, refuse, barrier)
+            self._read(context, queue, window, begin, respond, refuse, barrier, writer)
         )
         self._queues.add(queue)
         if self._gauge is not None:
             self._gauge.inc()
         try:
             while True:
+                writer.busy = False
                 item = await queue.get()
+                writer.busy = True
                 if not isinstance(item, _Control):  # inline: once per request
                     try:
                         await item.job.future
@@ -150,8 +164,10 @@ class Streams:
         queue: asyncio.Queue[Any],
         window: asyncio.Semaphore,
         begin: Callable[[Any], Any],
+        respond: Callable[[Any], Any],
         refuse: Callable[[Exception], Any | None],
         barrier: Callable[[Any], bool] | None,
+        writer: _Writer,
     ) -> None:
         try:
             while True:
@@ -174,6 +190,11 @@ class Streams:
                     held = _Barrier(item)
                     queue.put_nowait(held)
                     await held.done.wait()
+                elif not writer.busy and item.job.future.done() and queue.empty():
+                    # Answered already (the engine was idle) and nothing is ahead of it:
+                    # written here, as an echo would, without a switch to the writer.
+                    await _send(context, await _answer(item, respond, refuse))
+                    window.release()
                 else:
                     queue.put_nowait(item)
         except Exception as exc:

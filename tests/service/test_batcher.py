@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from service.runtime import Runtime, load_model_bytes
 from service.state.cache import StoreAccess
 from service.state.table import Limits, SessionSnapshot
 from service.store import NullStore
+from service.store.base import StateStore
+from service.store.sqlite import SqliteStore
 from tests.service.models import failing_model
 from tests.service.reference import Reference, events
 
@@ -55,9 +58,11 @@ class Batcher:
         await self.engine.stop()
 
 
-async def make(runtime: Runtime, max_batch: int = 64, inline_batch: int = 0) -> Batcher:
+async def make(
+    runtime: Runtime, max_batch: int = 64, inline_batch: int = 0, store: StateStore | None = None
+) -> Batcher:
     metrics = Metrics(CollectorRegistry())
-    access = StoreAccess(NullStore(), metrics)
+    access = StoreAccess(store if store is not None else NullStore(), metrics)
     engine = Engine(metrics, access, max_batch, 128, inline_batch)
     registry = Registry(
         engine,
@@ -94,6 +99,76 @@ async def test_one_event_per_session_per_run_in_order(runtime: Runtime, inline_b
     assert [s.value for s in batch_sizes if s.name.endswith("_count")] == [3]
     assert [s.value for s in batch_sizes if s.name.endswith("_sum")] == [6]
     await batcher.stop()
+
+
+def runs(batcher: Batcher) -> list[float]:
+    """The engine's runs so far: their count and how many events they ran in all."""
+    samples = batcher.metrics.batch_size.collect()[0].samples
+    return [s.value for s in samples if s.name.endswith(("_count", "_sum"))]
+
+
+async def parked(batcher: Batcher) -> None:
+    """Let the run loop start and wait for work."""
+    batcher.start()
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_an_idle_engine_answers_a_small_request_as_it_is_submitted(runtime: Runtime) -> None:
+    batcher = await make(runtime, inline_batch=16)
+    await parked(batcher)
+    ref = Reference()
+    xs = events(np.random.default_rng(7), 3)
+    job = batcher.submit(block(["a", "b", "a"], xs))
+    # On the caller's turn: "a" and "b" ran; a's second event waits for the run loop.
+    assert job.remaining == 1 and not job.future.done()  # type: ignore[union-attr]
+    await job.future  # type: ignore[misc]
+    assert job.steps.tolist() == [1, 1, 2]
+    for i, sid in enumerate(["a", "b", "a"]):
+        np.testing.assert_allclose(job.outputs[i], ref.step(sid, xs[i]), atol=1e-5)
+    lone = batcher.submit(block(["c"], xs[:1]))
+    assert lone.future.done()  # type: ignore[union-attr]
+    np.testing.assert_allclose(lone.outputs[0], ref.step("c", xs[0]), atol=1e-5)
+    await batcher.stop()
+
+
+async def test_requests_close_behind_one_another_are_still_batched(runtime: Runtime) -> None:
+    batcher = await make(runtime, inline_batch=16)
+    await parked(batcher)
+    xs = events(np.random.default_rng(8), 20)
+    big = batcher.submit(block([f"s{i}" for i in range(17)], xs[:17]))  # over --inline-batch
+    small = [batcher.submit(block([f"t{i}"], xs[17 + i : 18 + i])) for i in range(3)]
+    assert not any(j.future.done() for j in (big, *small))  # type: ignore[union-attr]
+    await asyncio.gather(big.future, *(j.future for j in small))  # type: ignore[arg-type]
+    assert runs(batcher) == [1, 20]  # one run for all four requests
+    await batcher.stop()
+
+
+async def test_without_inline_runs_nothing_runs_on_the_callers_turn(runtime: Runtime) -> None:
+    batcher = await make(runtime, inline_batch=0)
+    await parked(batcher)
+    job = batcher.submit(block(["a"], events(np.random.default_rng(9), 1)))
+    assert not job.future.done()  # type: ignore[union-attr]
+    await job.future  # type: ignore[misc]
+    assert job.steps.tolist() == [1]
+    await batcher.stop()
+
+
+async def test_with_a_store_an_idle_engine_still_commits_before_answering(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    store = SqliteStore(str(tmp_path / "state.db"))
+    store.open(False, "m")
+    batcher = await make(runtime, inline_batch=16, store=store)
+    await parked(batcher)
+    job = batcher.submit(block(["a"], events(np.random.default_rng(10), 1), [5]))
+    assert not job.future.done()  # type: ignore[union-attr]  # the commit is awaited
+    await job.future  # type: ignore[misc]
+    assert job.steps.tolist() == [1]
+    (stored,) = store.load("m", ["a"])  # what the store holds once the answer is out
+    assert stored.step.tolist() == [1] and stored.last_seq.tolist() == [5]
+    await batcher.stop()
+    await batcher.engine.store.stop()
 
 
 async def test_max_batch_splits_runs_and_later_jobs_keep_their_order(runtime: Runtime) -> None:
