@@ -1,8 +1,14 @@
 # lstm-serve on CPU: `docker build -t lstm-stream .` (the CUDA variant: Dockerfile.cuda).
 # The embedded default model is served unless LSTM_MODEL (or --model) names a mounted file.
+# The build stage compiles the hot path (Cython) into the wheel; the runtime stage
+# gets the wheel only, no compiler.
 FROM python:3.11-slim AS build
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY model_export ./model_export
 COPY service ./service
 COPY lstm_stream ./lstm_stream
