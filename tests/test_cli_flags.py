@@ -14,7 +14,7 @@ from lstm_bench import cli as bench_cli
 from lstm_bench import echo
 from lstm_stream import cli as client_cli
 from service.settings import Settings
-from tests.service.test_lifecycle import die_with_parent
+from tests.service.test_lifecycle import SERVE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,12 +51,7 @@ def test_a_usage_error_of_lstm_serve_is_one_line(
     usage block of every flag."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LSTM_")}
     done = subprocess.run(
-        [sys.executable, "-m", "service", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**clean, **env},
-        preexec_fn=die_with_parent,
+        [*SERVE, *argv], capture_output=True, text=True, timeout=60, env={**clean, **env}
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [f"lstm-serve: error: {words} (--help lists every flag)"], (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import signal
 import socket
@@ -106,18 +105,23 @@ async def test_client_disconnect_mid_stream_leaves_server_healthy(
     assert got[0].step == state.step + 1
 
 
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """``preexec_fn``: the child is killed when the test process dies, however it dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+SERVE = [
+    sys.executable,
+    "-c",
+    "import ctypes, runpy, signal; "
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL); "  # 1: PR_SET_PDEATHSIG
+    "runpy.run_module('service', run_name='__main__')",
+]
+"""``python -m service``, killed by the kernel if the test process dies. Set in the child
+itself: a ``preexec_fn`` would fork this process, gRPC's threads and all."""
 
 
 def start_subprocess(*args: str) -> tuple[subprocess.Popen[str], int]:
     """``python -m service`` on free ports, as the bench starts it; (process, gRPC port)."""
-    command = [*procs.server_command(), "--device", DEVICE, *args]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+    bench = procs.server_command()
+    assert bench[1:3] == ["-m", "service"], bench
+    command = [*SERVE, *bench[3:], "--device", DEVICE, *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if "gRPC on" not in line:
@@ -130,14 +134,12 @@ def failed_start(*args: str, device: str = DEVICE) -> tuple[int, list[str]]:
     """Start ``lstm-serve`` as a user would (default logging, no LSTM_* variables) with
     ``args`` on free ports; (exit code, stderr lines). It must not start."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LSTM_")}
-    command = [sys.executable, "-m", "service", "--port", "0", "--metrics-port", "0"]
     done = subprocess.run(
-        [*command, "--device", device, *args],
+        [*SERVE, "--port", "0", "--metrics-port", "0", "--device", device, *args],
         capture_output=True,
         text=True,
         timeout=60,
         env=env,
-        preexec_fn=die_with_parent,
     )
     assert "gRPC on" not in done.stdout, "it started"
     return done.returncode, done.stderr.splitlines()
