@@ -146,14 +146,18 @@ def providers_for(
     return [(CUDA, cuda_provider_options(device_id, cuda)), CPU]
 
 
-def probe_cuda(device: str, device_id: int) -> None:
+DRIVER_LIBRARY = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+"""The NVIDIA driver's CUDA library, which the driver (not a toolkit) installs."""
+
+
+def probe_cuda(device: str, device_id: int, library: str = DRIVER_LIBRARY) -> None:
     """Raise DeviceUnavailableError saying why CUDA device ``device_id`` cannot be used.
 
     Asks the NVIDIA driver itself, so the reason is one line (no driver, no GPU,
     no such device) instead of ONNX Runtime's log of a failed provider.
     """
     try:
-        driver = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+        driver = ctypes.CDLL(library)
     except OSError:
         raise DeviceUnavailableError(
             f"--device {device}: no NVIDIA driver on this machine (libcuda not found)"
@@ -166,9 +170,10 @@ def probe_cuda(device: str, device_id: int) -> None:
     count = ctypes.c_int(0)
     driver.cuDeviceGetCount(ctypes.byref(count))
     if device_id >= count.value:
+        have = f"cuda:0..cuda:{count.value - 1}" if count.value else "none visible"
         raise DeviceUnavailableError(
-            f"--device {device}: this machine has {count.value} CUDA device(s) "
-            f"(cuda:0..cuda:{count.value - 1})"
+            f"--device {device}: this machine has {count.value} CUDA device(s) ({have}; "
+            "CUDA_VISIBLE_DEVICES counts)"
         )
 
 

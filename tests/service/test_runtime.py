@@ -6,6 +6,7 @@ import asyncio
 import ctypes.util
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -258,3 +259,43 @@ async def test_the_provider_in_use_is_in_model_info_and_metrics(
     text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
     (line,) = [x for x in text.splitlines() if x.startswith("lstm_model_info{")]
     assert f'provider="{provider}"' in line and f'device="{device}"' in line
+
+
+FAKE_DRIVER = """
+int cuInit(unsigned int flags) { return INIT; }
+int cuDeviceGetCount(int *count) { *count = COUNT; return 0; }
+"""
+
+
+@pytest.mark.parametrize(
+    ("init", "count", "device", "said"),
+    [
+        (100, 0, "cuda", "--device cuda: the NVIDIA driver found no usable GPU (cuInit error 100)"),
+        (0, 1, "cuda:3", "--device cuda:3: this machine has 1 CUDA device(s) (cuda:0..cuda:0; "),
+        (0, 0, "cuda", "--device cuda: this machine has 0 CUDA device(s) (none visible; "),
+        (0, 2, "cuda:1", ""),
+    ],
+)
+def test_probe_asks_the_driver(
+    init: int, count: int, device: str, said: str, tmp_path: Path
+) -> None:
+    """A stand-in driver library (the two calls) answers as a real driver would."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs a C compiler on Linux")
+    source = tmp_path / "fake.c"
+    source.write_text(FAKE_DRIVER.replace("INIT", str(init)).replace("COUNT", str(count)))
+    library = tmp_path / "libcuda.so.1"
+    built = subprocess.run(
+        [compiler, "-shared", "-fPIC", "-o", str(library), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert built.returncode == 0, built.stderr
+    if not said:
+        probe_cuda(device, parse_device(device)[1], str(library))  # usable: no error
+        return
+    with pytest.raises(DeviceUnavailableError) as info:
+        probe_cuda(device, parse_device(device)[1], str(library))
+    assert str(info.value).startswith(said)
