@@ -63,10 +63,11 @@ test-gpu: ## the GPU check (tools/gpu_check.sh): e2e tests on --device cuda, mod
 run: $(STAMP) ## start the server with the embedded default model (PORT=50051 METRICS_PORT=9464)
 	$(BIN)/lstm-serve --port $(PORT) --metrics-port $(METRICS_PORT) --log-format text
 
-lint: $(STAMP) ## ruff (lint + format check) and mypy
+lint: $(STAMP) ## ruff (lint + format check), mypy, and cython-lint on the compiled hot path
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/cython-lint --max-line-length 100 service
 
 format: $(STAMP) ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .

@@ -2,6 +2,6 @@
 
 import sys
 
-from service.server import main
+from service.launch import main
 
 sys.exit(main())

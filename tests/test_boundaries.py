@@ -18,7 +18,7 @@ SERVICE = ROOT / "service"
 TRANSPORT = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "lstm_stream")
 INNER = ("service.core", "service.state", "service.store")
 API_MAY_USE = ("service.api", "service.dataplane", "service.settings", "service.metrics")
-ENTRY_POINTS = ("service.__main__", "service.server", "service.healthcheck")
+ENTRY_POINTS = ("service.__main__", "service.launch", "service.server", "service.healthcheck")
 STORE_IMPLEMENTATIONS = ("service.store.sqlite", "service.store.redis", "service.store.null")
 
 
