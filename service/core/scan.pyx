@@ -41,7 +41,7 @@ def scan(list jobs, dict index, Py_ssize_t event_size):
 
     ``index`` maps session ids to rows (None: look nothing up; every slot is -1).
     """
-    cdef Py_ssize_t n_jobs = len(jobs), n = 0, j, i, k, at = 0, count
+    cdef Py_ssize_t n_jobs = len(jobs), n = 0, j, i, at = 0, count
     for job in jobs:
         n += <Py_ssize_t>job.n
     cdef Scanned out = Scanned.__new__(Scanned)
