@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -19,7 +20,7 @@ def run(tool: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         ["bash", str(ROOT / "tools" / tool), *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=100,
         env={**os.environ, **env},
     )
 
@@ -74,3 +75,24 @@ def test_gpu_wheel_without_parts_and_with_bad_usage(tmp_path: Path) -> None:
     usage = run("gpu_wheel.sh", "unpack")
     assert usage.returncode == 1
     assert usage.stderr == "gpu_wheel: usage: tools/gpu_wheel.sh fetch | stash | install [DIR]\n"
+
+
+def test_gpu_check_rehearsal_runs_every_step_on_the_cpu(tmp_path: Path) -> None:
+    """--rehearse: the measurements, then the tests, their summary merged into the JSON."""
+    out = tmp_path / "rehearsal.json"
+    done = run(
+        "gpu_check.sh",
+        "--rehearse",
+        GPU_PYTHON=sys.executable,
+        GPU_OUT=str(out),
+        GPU_TESTS="tests/service/test_settings.py",
+        GPU_BENCH_ARGS="--quick --hidden 64 --layers 1 --batches 16 --seconds 0.01 --sessions 1000",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == f"gpu_check: passed; wrote {out}"
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and len(result["rows"]) == 1
+    assert all(m["ok"] for m in result["models"])
+    tests = result["end_to_end_tests"]
+    assert tests["files"] == ["tests/service/test_settings.py"]
+    assert tests["summary"].startswith("rc=0: ") and " passed" in tests["summary"]
