@@ -6,9 +6,10 @@ field). Output: one JSON object per input line (line, session_id, and step, seq,
 duplicate, output and the model_version that answered, or error).
 
 --address is HOST:PORT; one without a port is refused (exit 2). A server that has
-not answered yet gets 2 s: a refused connection or a name that does not resolve
-ends in one line such as "cannot reach HOST:PORT (connection refused)", exit 3
-(given --retry-for, it gets that long instead, announced). A server that answered
+not answered yet gets 2 s to take the connection: a refused connection, a name
+that does not resolve or a listener that never answers ends in one line such as
+"cannot reach HOST:PORT (connection refused)", exit 3 (given --retry-for, it gets
+that long instead, announced). A server that answered
 and then went away (a restart, a drain) is retried for --retry-for seconds (30 for
 stream, 5 for the other commands), with a line on stderr when retrying starts.
 Global options may come before or after the command.
@@ -377,10 +378,9 @@ def _fields(message: Any) -> dict[str, Any]:
     return record
 
 
-def health_command(client: Client, wait: float, announce: bool, on_retry: Any) -> int:
-    """The server's health; retried for ``wait`` seconds while the server cannot be reached."""
-    client.core.check_name()
-    deadline = time.monotonic() + wait
+def health_command(client: Client, retry_for: float, on_retry: Any) -> int:
+    """The server's health; retried like the other calls while the server cannot be reached."""
+    deadline = time.monotonic() + retry_for
     retried = False
     while True:
         status = client.health()
@@ -389,11 +389,14 @@ def health_command(client: Client, wait: float, announce: bool, on_retry: Any) -
         if not details:
             print(status)
             return EXIT_OK if status == "SERVING" else EXIT_SERVER
+        if details.startswith("cannot reach "):  # the connect timeout passed: in words already
+            complain(details)
+            return EXIT_SERVER
         reason = unreachable_reason(details) if code == "UNAVAILABLE" else None
         if code != "UNAVAILABLE" or time.monotonic() + 0.2 > deadline:
             complain(f"cannot reach {client.core.address} ({reason})" if reason else status)
             return EXIT_SERVER
-        if announce and not retried:
+        if not retried:
             retried = True
             on_retry(grpc.StatusCode.UNAVAILABLE, details)
         time.sleep(0.2)
@@ -528,8 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stream":
             return stream_command(client, args)
         if args.command == "health":
-            wait = retry_for if connect_timeout is None else connect_timeout
-            return health_command(client, wait, connect_timeout is None, on_retry)
+            return health_command(client, retry_for, on_retry)
         if args.command == "info":
             print(info_json(client.model_info()))
             return EXIT_OK

@@ -10,13 +10,15 @@ so far, so explicit and automatic seqs mixed in one session never apply an event
 twice (an explicit seq at or below one already applied comes back ``duplicate``).
 
 Calls are retried on ``UNAVAILABLE`` (a restart, a drain) for up to ``retry_for``
-seconds; a stream is reopened and its unanswered requests re-sent. A server that
-has not answered once yet gets ``connect_timeout`` instead, when given: a wrong
-address fails in that time, a server that went away is waited for. Giving up on a
-server that cannot be reached raises ``Unreachable`` ("cannot reach HOST:PORT
-(connection refused)"). ``on_retry(code, details)``, when given, is called each
-time a call or a stream starts retrying for ``retry_for`` (once per outage, not per
-attempt; the connect timeout is not announced).
+seconds; a stream is reopened and its unanswered requests re-sent. With
+``connect_timeout`` given, a client that has not reached a server yet first waits
+that long for a connection: a wrong address (refused, a name that does not
+resolve, a listener that never answers the handshake) fails in that time, while a
+server that answered once and then went away is retried for ``retry_for``. Giving
+up on a server that cannot be reached raises ``Unreachable`` ("cannot reach
+HOST:PORT (connection refused)"). ``on_retry(code, details)``, when given, is
+called each time a call or a stream starts retrying for ``retry_for`` (once per
+outage, not per attempt; the connect timeout is not announced).
 
 An address is ``HOST:PORT`` (``[V6]:PORT``) or a gRPC target with a scheme
 (``unix:PATH``, ``dns:///HOST:PORT``...); one without a port is refused
@@ -251,17 +253,28 @@ class _Core:
         if self.never_resolves:
             raise Unreachable(self.address, "name does not resolve")
 
-    def window(self, exc: grpc.RpcError) -> tuple[float, bool]:
-        """After ``exc``, the first failure of an outage: how long to retry, announced or not.
+    def connecting(self) -> float | None:
+        """Before a call: how long to wait for a connection first (None: do not wait).
 
         "Never reached" and "went away" look alike to gRPC (both UNAVAILABLE); what tells
-        them apart is whether a server has answered this client yet.
+        them apart is whether this client has reached a server yet. Until it has, with
+        ``connect_timeout`` given, the channel gets that long to connect (a refused
+        connection, a name that does not resolve, a handshake that hangs); after, a failure
+        is retried for ``retry_for``.
         """
-        if unreachable_reason(exc.details() or "") is None:  # type: ignore[attr-defined]
-            self.reached = True  # a server (or a proxy before it) said UNAVAILABLE itself
-        if self.reached or self.connect_timeout is None:
-            return self.retry_for, True
-        return self.connect_timeout, False
+        self.check_name()
+        return None if self.reached else self.connect_timeout
+
+    def not_connected(self, probe: grpc.RpcError) -> Unreachable | None:
+        """Why the channel did not connect, from a short call made after the wait."""
+        code, details = probe.code(), probe.details() or ""  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Unreachable(self.address, "timed out", details)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return Unreachable(
+                self.address, unreachable_reason(details) or "cannot connect", details
+            )
+        return None  # a server answered it after all
 
     def retrying(self, exc: grpc.RpcError) -> None:
         """Tell ``on_retry`` that a call or stream starts retrying after ``exc``."""
@@ -454,11 +467,10 @@ class Client:
 
     def _call(self, method: Any, message: Any, ids: Sequence[str] = ()) -> Any:
         """``method(message)``, retried; ``ids``: the sessions it is for (routing header)."""
-        self.core.check_name()
+        self._connect()
         deadline = None
         delay = 0.05
         metadata = self.core.routed(ids)
-        announce = False
         while True:
             try:
                 reply = method(message, metadata=metadata)
@@ -468,16 +480,35 @@ class Client:
                 if not _retryable(exc):
                     self.core.reached = True
                     raise self.core.error(exc) from exc
+                first = deadline is None
                 if deadline is None:
-                    window, announce = self.core.window(exc)
-                    deadline = time.monotonic() + window
+                    deadline = time.monotonic() + self.core.retry_for
                 if time.monotonic() + delay > deadline:
                     raise self.core.error(exc) from exc
-                if announce:
-                    announce = False
+                if first:
                     self.core.retrying(exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def _connect(self) -> None:
+        """Before this client's first answer: wait ``connect_timeout`` for a connection."""
+        timeout = self.core.connecting()
+        if timeout is None:
+            return
+        ready = grpc.channel_ready_future(self.channel)
+        try:
+            ready.result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            ready.cancel()
+            try:  # fails at once with gRPC's reason, or times out while it still connects
+                health_pb2_grpc.HealthStub(self.channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=0.3
+                )
+            except grpc.RpcError as probe:
+                failure = self.core.not_connected(probe)
+                if failure is not None:
+                    raise failure from None
+        self.core.reached = True
 
     def _on(self, method: Any, session_id: str) -> pb.Session:
         return self._call(method, self.core.ref(session_id), [session_id])  # type: ignore[no-any-return]
@@ -520,7 +551,7 @@ class Client:
         reopened and what it had not answered is sent again (applied once, thanks to seq).
         ``session_id``: the one session the stream is for, sent as ``x-session-id`` for a
         hashing proxy."""
-        self.core.check_name()
+        self._connect()
         metadata = self.core.routed([session_id] if session_id is not None else [])
         source = iter(batches)
         pending: collections.deque[_Request] = collections.deque()
@@ -580,9 +611,8 @@ class Client:
                     self.core.reached = True
                     raise self.core.error(exc) from exc
                 if deadline is None:  # the first failure since the last answer
-                    window, announce = self.core.window(exc)
-                    deadline = time.monotonic() + window
-                    if announce and window > 0:
+                    deadline = time.monotonic() + self.core.retry_for
+                    if self.core.retry_for > 0:
                         self.core.retrying(exc)
                 if time.monotonic() > deadline:
                     raise self.core.error(exc) from exc
@@ -614,8 +644,10 @@ class Client:
     def health(self) -> str:
         """SERVING, NOT_SERVING, or the error that prevented asking ("CODE: details"; not
         retried)."""
-        if self.core.never_resolves:
-            return "UNAVAILABLE: DNS resolution failed: a name under .invalid never resolves"
+        try:
+            self._connect()
+        except Unreachable as exc:
+            return f"UNAVAILABLE: {exc}"
         stub = health_pb2_grpc.HealthStub(self.channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -668,11 +700,10 @@ class AsyncClient:
         await self.channel.close()
 
     async def _call(self, method: Any, message: Any, ids: Sequence[str] = ()) -> Any:
-        self.core.check_name()
+        await self._connect()
         deadline = None
         delay = 0.05
         metadata = self.core.routed(ids)
-        announce = False
         while True:
             try:
                 reply = await method(message, metadata=metadata)
@@ -682,16 +713,33 @@ class AsyncClient:
                 if not _retryable(exc):
                     self.core.reached = True
                     raise self.core.error(exc) from exc
+                first = deadline is None
                 if deadline is None:
-                    window, announce = self.core.window(exc)
-                    deadline = time.monotonic() + window
+                    deadline = time.monotonic() + self.core.retry_for
                 if time.monotonic() + delay > deadline:
                     raise self.core.error(exc) from exc
-                if announce:
-                    announce = False
+                if first:
                     self.core.retrying(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    async def _connect(self) -> None:
+        """As ``Client._connect``."""
+        timeout = self.core.connecting()
+        if timeout is None:
+            return
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout)
+        except asyncio.TimeoutError:
+            try:
+                await health_pb2_grpc.HealthStub(self.channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=0.3
+                )
+            except grpc.aio.AioRpcError as probe:
+                failure = self.core.not_connected(probe)
+                if failure is not None:
+                    raise failure from None
+        self.core.reached = True
 
     async def _on(self, method: Any, session_id: str) -> pb.Session:
         return await self._call(method, self.core.ref(session_id), [session_id])  # type: ignore[no-any-return]
@@ -735,7 +783,7 @@ class AsyncClient:
         self, batches: Iterable[Batch], session_id: str | None = None
     ) -> AsyncIterator[Results]:
         """As ``Client.stream``: pipelined, in order, resumed after a reconnect."""
-        self.core.check_name()
+        await self._connect()
         metadata = self.core.routed([session_id] if session_id is not None else [])
         source = iter(batches)
         pending: collections.deque[_Request] = collections.deque()
@@ -789,9 +837,8 @@ class AsyncClient:
                     self.core.reached = True
                     raise self.core.error(exc) from exc
                 if deadline is None:  # the first failure since the last answer
-                    window, announce = self.core.window(exc)
-                    deadline = time.monotonic() + window
-                    if announce and window > 0:
+                    deadline = time.monotonic() + self.core.retry_for
+                    if self.core.retry_for > 0:
                         self.core.retrying(exc)
                 if time.monotonic() > deadline:
                     raise self.core.error(exc) from exc
@@ -824,8 +871,10 @@ class AsyncClient:
 
     async def health(self) -> str:
         """SERVING, NOT_SERVING, or the error that prevented asking (not retried)."""
-        if self.core.never_resolves:
-            return "UNAVAILABLE: DNS resolution failed: a name under .invalid never resolves"
+        try:
+            await self._connect()
+        except Unreachable as exc:
+            return f"UNAVAILABLE: {exc}"
         stub = health_pb2_grpc.HealthStub(self.channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)

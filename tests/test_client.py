@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import threading
 import time
 import warnings
@@ -219,6 +220,27 @@ async def test_a_server_never_reached_fails_after_connect_timeout_in_words(
         with pytest.raises(Unreachable, match=rf"cannot reach {address} \({reason}\)"):
             await client.model_info()
     assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_server_that_never_answers_the_handshake_times_out(kind: str) -> None:
+    with socket.socket() as silent:  # the kernel accepts; nothing speaks HTTP/2
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(Unreachable, match=rf"^cannot reach {address} \(timed out\)$"):
+            if kind == "sync":
+
+                def use() -> None:
+                    with Client(address, connect_timeout=0.5) as client:
+                        client.get_session("s")
+
+                await asyncio.to_thread(use)
+            else:
+                async with AsyncClient(address, connect_timeout=0.5) as client:
+                    await client.get_session("s")
+        assert time.monotonic() - started < 3
 
 
 async def test_an_address_needs_a_port() -> None:

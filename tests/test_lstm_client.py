@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import pty
+import socket
 import subprocess
 import sys
 import time
@@ -144,6 +145,19 @@ async def test_a_wrong_address_fails_fast_in_words(command: str, address: str, r
     assert gone.returncode == 3 and gone.stdout == ""
     assert gone.stderr == f"lstm-client: cannot reach {address} ({reason})\n"
     assert elapsed < 4.5, elapsed  # not --retry-for's 30 s (stream) or 5 s
+
+
+async def test_a_server_that_takes_the_connection_and_never_answers_fails_fast() -> None:
+    with socket.socket() as silent:  # the kernel accepts; nothing speaks HTTP/2
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        gone = await run("--address", address, "info")
+        elapsed = time.monotonic() - started
+    assert gone.returncode == 3
+    assert gone.stderr == f"lstm-client: cannot reach {address} (timed out)\n"
+    assert elapsed < 4.5, elapsed  # gRPC alone would wait 20 s for the handshake
 
 
 async def test_an_address_without_a_port_is_a_usage_error() -> None:
