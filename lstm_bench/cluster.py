@@ -98,6 +98,7 @@ class RedisServer:
                 str(self.directory / "redis.log"),
             ],
             stdout=subprocess.DEVNULL,
+            preexec_fn=procs.die_with_parent,
         )
         deadline = time.monotonic() + 10
         while not self.ping():
@@ -290,6 +291,7 @@ class Proxy:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=procs.die_with_parent,
         )
 
         def read(stream: object = self.proc.stderr) -> None:

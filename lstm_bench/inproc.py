@@ -2,8 +2,8 @@
 
 ``python -m lstm_bench.inproc [--form columnar|events] [--profile]`` reads requests from
 their bytes, queues and answers them as bytes exactly as lstm-serve does, with no gRPC
-transport, and prints CPU per request; ``--profile`` adds the Python calls per request (cProfile, over the measured
-rounds only) and the top functions by their own time.
+transport, and prints CPU per request; ``--profile`` adds the Python calls per request
+(cProfile, over the measured rounds only) and the top functions by their own time.
 """
 
 from __future__ import annotations
@@ -147,9 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         # to compare between versions of the code.
         stats = pstats.Stats(profiler)
         calls = sum(entry[1] for entry in stats.stats.values())  # type: ignore[attr-defined]
-        print(
-            f"Python calls per request (measured rounds only): {calls / (args.rounds * args.streams):.1f}"
-        )
+        per_request = calls / (args.rounds * args.streams)
+        print(f"Python calls per request (measured rounds only): {per_request:.1f}")
         stats.sort_stats("tottime").print_stats(args.top)
     return 0
 

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from lstm_bench.procs import die_with_parent
 from lstm_stream.oip.v2 import inference_pb2 as oip
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 
@@ -183,6 +184,7 @@ def worker_main(
     progress: Counter,
     out: Any,
 ) -> None:
+    die_with_parent()  # a load process never outlives the bench (or a test) that started it
     if cpus:
         os.sched_setaffinity(0, cpus)
     result = asyncio.run(_run_worker(target, shape, streams, progress))

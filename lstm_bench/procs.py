@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -11,6 +12,14 @@ import urllib.request
 from dataclasses import dataclass
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies, however it dies (SIGKILL,
+    a test's timeout): ``preexec_fn`` of what this tool starts, and its load workers."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass
@@ -111,7 +120,9 @@ def start(kind: str, cpus: set[int] | None, extra: list[str] | None = None) -> T
         cmd = [sys.executable, "-m", "lstm_bench.echo", "--port", "0"]
         if kind == "echo-pipelined":
             cmd.append("--pipelined")
-    proc = subprocess.Popen([*cmd, *(extra or [])], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*cmd, *(extra or [])], stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if "gRPC on" not in line:

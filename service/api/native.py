@@ -31,7 +31,7 @@ class _Begun:
     columnar: bool
     block: EventBlock
     job: Job
-    ids: Sequence[str]
+    ids: list[str]
     """The session ids as the client sent them (the block's carry the tenant's namespace)."""
 
 
