@@ -13,7 +13,8 @@ from lstm_stream.oip.v2 import inference_pb2 as oip_pb
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOCOL = ROOT / "docs" / "PROTOCOL.md"
+DOCS = ROOT / "docs"
+PROTOCOL = DOCS / "PROTOCOL.md"
 
 OUTSIDE = "../" + "shared"  # spelled in two parts so that this file does not match itself
 
@@ -41,6 +42,41 @@ def test_no_tracked_file_points_outside_the_repository() -> None:
 def test_the_readme_points_to_the_protocol_document() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "(docs/PROTOCOL.md)" in readme
+
+
+def test_the_readme_maps_every_page_of_docs() -> None:
+    """The README is the front door: every page in docs/ is reachable from its map."""
+    readme = (ROOT / "README.md").read_text()
+    unmapped = [p.name for p in sorted(DOCS.glob("*.md")) if f"(docs/{p.name})" not in readme]
+    assert unmapped == []
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # no headings in code
+    return {slug(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_every_link_in_the_docs_leads_somewhere() -> None:
+    """Relative links in the README and docs/ name files that exist and headings they have."""
+    broken = []
+    for page in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:: not ours to check offline
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert broken == []
 
 
 def test_the_protocol_document_covers_every_rpc_and_columnar_field() -> None:

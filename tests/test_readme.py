@@ -1,62 +1,125 @@
-"""The README's Python examples run as written against a real server."""
+"""The README's and docs' examples run as written against a real server; their tables
+name every flag and every metric."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
+from service.metrics import Metrics
 from service.server import Server
+from service.settings import Settings
 from tests.conftest import ServerFactory
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+OPERATIONS = ROOT / "docs" / "OPERATIONS.md"
+RUNNABLE = ["README.md", "docs/CLIENT.md", "docs/SCALING.md", "docs/MODELS.md"]
+"""The pages whose ``python`` blocks are complete programs (the TLS and Triton ones run
+in tests/service/test_security.py and tests/oip/test_triton_client.py)."""
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+def python_blocks(page: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)
 
 
-async def test_readme_python_examples_run(
+def section(text: str, heading: str) -> str:
+    """The text under ``## heading`` up to the next heading of that level."""
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
+async def test_the_python_examples_run(
     server: Server, start_server: ServerFactory, tmp_path: Path
 ) -> None:
     second = await start_server()  # the second replica of the sharding example
-    blocks = python_blocks()
-    assert len(blocks) >= 2
-    outputs = []
-    for block in blocks:
-        code = block.replace("127.0.0.1:50051", f"127.0.0.1:{server.port}")
-        code = code.replace("127.0.0.1:50052", f"127.0.0.1:{second.port}")
-        # In a thread: the server under test runs on this event loop.
-        result = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-c", code],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stderr
-        outputs.append(result.stdout)
-    text = "".join(outputs)
-    assert "library: [2, 1, 3] (3, 64) True" in text
-    assert "library stream step 3 SERVING" in text
-    assert "columnar: (1000, 64) all ok: True" in text
-    assert "stream step 4" in text
-    assert "sharded: True [1, 1, 1] True" in text
-    assert (tmp_path / "params.npz").exists()
+    outputs: dict[str, str] = {}
+    for page in RUNNABLE:
+        blocks = python_blocks(page)
+        assert blocks, f"{page} has no python example"
+        outputs[page] = ""
+        for block in blocks:
+            code = block.replace("127.0.0.1:50051", f"127.0.0.1:{server.port}")
+            code = code.replace("127.0.0.1:50052", f"127.0.0.1:{second.port}")
+            # In a thread: the server under test runs on this event loop.
+            result = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-c", code],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 0, f"{page}: {result.stderr}"
+            outputs[page] += result.stdout
+    assert "library: [2, 1, 3] (3, 64) True" in outputs["README.md"]
+    assert "library stream step 3 SERVING" in outputs["README.md"]
+    assert "columnar: (1000, 64) all ok: True" in outputs["docs/CLIENT.md"]
+    assert "stream step 4" in outputs["docs/CLIENT.md"]
+    assert "sharded: True [1, 1, 1] True" in outputs["docs/SCALING.md"]
+    assert (tmp_path / "params.npz").exists()  # docs/MODELS.md's parameter file
 
 
-def test_every_flag_is_documented() -> None:
-    import dataclasses
-
-    from service.settings import Settings
-
+async def test_the_quick_start_answers_a_first_event(server: Server) -> None:
+    """The Quick start's commands, as written (lstm-client pointed at the test's port),
+    print SERVING and one result line, and the README shows that line as it is printed."""
     text = README.read_text()
-    missing = [
-        f.name
-        for f in dataclasses.fields(Settings)
-        if f"`--{f.name.replace('_', '-')}`" not in text
-    ]
-    assert not missing, f"flags missing from the README: {missing}"
+    quick = section(text, "Quick start")
+    [commands] = re.findall(r"```sh first-event\n(.*?)```", quick, re.S)
+    [shown] = re.findall(r"```text\nSERVING\n(.*?)\n```", quick, re.S)
+    script = commands.replace(".venv/bin/", f"{Path(sys.executable).parent}/")
+    script = script.replace("python3 -c", f"{sys.executable} -c")
+    script = script.replace("lstm-client ", f"lstm-client --address 127.0.0.1:{server.port} ")
+    result = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-euo", "pipefail", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    health, line = result.stdout.splitlines()
+    assert health == "SERVING"
+    got = json.loads(line)
+    assert (got["step"], got["duplicate"], len(got["output"])) == (1, False, 64)
+    expected = json.loads(shown.replace(", ...]", "]"))
+    assert list(expected) == list(got)  # the same keys, in the printed order
+    assert {k: v for k, v in expected.items() if k != "output"} == {
+        k: v for k, v in got.items() if k != "output"
+    }
+    assert abs(expected["output"][0] - got["output"][0]) < 1e-6
+
+
+def test_every_flag_is_in_the_operations_table() -> None:
+    table = section(OPERATIONS.read_text(), "Configuration")
+    flags = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(Settings)]
+    missing = [flag for flag in flags if f"`{flag}`" not in table]
+    assert not missing, f"flags missing from docs/OPERATIONS.md's table: {missing}"
+    listed = set(re.findall(r"^\| `(--[a-z-]+)`", table, re.M))
+    listed |= set(re.findall(r"^\| `--[a-z-]+`, `(--[a-z-]+)`", table, re.M))
+    assert listed - set(flags) == set(), "rows for flags lstm-serve does not have"
+
+
+def test_every_metric_is_in_the_operations_table() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.track_live_sessions(list)  # the live-session gauges are a collector of their own
+    served = set()
+    for family in registry.collect():
+        if family.name.startswith("process_"):
+            continue  # the standard process collector: one row, `process_*`
+        served.add(family.name + ("_total" if family.type == "counter" else ""))
+    table = section(OPERATIONS.read_text(), "Metrics")
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    listed = {name for row in rows for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert "process_" in table
+    assert served - listed == set(), "metrics missing from docs/OPERATIONS.md's table"
+    assert listed - served == set(), "rows for metrics the server does not export"

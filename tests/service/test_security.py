@@ -335,8 +335,8 @@ async def test_logs_hold_no_token_and_no_event_value(tmp_path: Path, tokens: Pat
 
 
 async def test_the_readme_tls_example_runs(start_server: ServerFactory, tmp_path: Path) -> None:
-    """The README's ``python tls`` block, as written, against a TLS server with its token."""
-    readme = (ROOT / "README.md").read_text()
+    """docs/SECURITY.md's ``python tls`` block, as written, against a TLS server with its token."""
+    readme = (ROOT / "docs" / "SECURITY.md").read_text()
     [block] = re.findall(r"```python tls\n(.*?)```", readme, re.S)
     [tokens] = re.findall(r"```text\n(\w{32}  tenant-a\n.*?)```", readme, re.S)
     subprocess.run(["sh", str(MAKE_CERTS), str(tmp_path / "certs")], check=True)
