@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +35,18 @@ from lstm_stream import AsyncClient
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
 from tests.deploy.test_compose import dockerfile_json
-from tests.deploy.test_k8s import K8S, SERVER, container, generated, one, render, settings
+from tests.deploy.test_k8s import (
+    K8S,
+    SERVER,
+    container,
+    generated,
+    one,
+    render,
+    settings,
+)
 from tests.scale.test_scale_out import RESTORED, E, assert_state, counter, header
+from tests.service.client import Ev, answers, request
+from tests.service.reference import events
 
 BIN = Path(sys.executable).parent
 PR_SET_PDEATHSIG = 1
@@ -48,20 +60,33 @@ def die_with_parent() -> None:
 class Pod:
     """One server container of the rendered StatefulSet, run as a local process."""
 
-    def __init__(self, objects: list[dict[str, Any]], redis_url: str):
+    def __init__(
+        self,
+        objects: list[dict[str, Any]],
+        store: tuple[str, str],
+        wrapper: list[str] | None = None,
+    ):
+        """``store``: the rendered state store URL and the local one it becomes;
+        ``wrapper``: a command the server runs under (a read-only root)."""
         self.spec = one(objects, "StatefulSet", SERVER)["spec"]["template"]["spec"]
         self.container = container(objects, "StatefulSet", SERVER)
         command = self.container.get("command") or dockerfile_json("Dockerfile", "ENTRYPOINT")
         assert command == ["lstm-serve"]  # the image's entrypoint; the pod keeps it
         env = settings(objects)
-        assert env["LSTM_STATE_STORE"] == "redis://lstm-stream-redis:6379/0"
-        env["LSTM_STATE_STORE"] = redis_url
+        assert env["LSTM_STATE_STORE"] == store[0]
+        env["LSTM_STATE_STORE"] = store[1]
         env.update(LSTM_HOST="127.0.0.1", LSTM_METRICS_HOST="127.0.0.1")
         env.update(LSTM_PORT="0", LSTM_METRICS_PORT="0", LSTM_LOG_LEVEL="WARNING")
         self.proc = subprocess.Popen(
-            [str(BIN / command[0]), *command[1:], *self.container.get("args", [])],
+            [
+                *(wrapper or []),
+                str(BIN / command[0]),
+                *command[1:],
+                *self.container.get("args", []),
+            ],
             env={**os.environ, **env},
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE if wrapper else None,
             text=True,
             preexec_fn=die_with_parent,
         )
@@ -159,7 +184,8 @@ def scaled(
     proxy = None
     try:
         redis.start()
-        pods = [Pod(objects, redis.url) for _ in range(2)]
+        store = ("redis://lstm-stream-redis:6379/0", redis.url)
+        pods = [Pod(objects, store) for _ in range(2)]
         proxy = cluster.Proxy(tmp_path / "proxy", [p.target.port for p in pods]).start()
         ran = proxy.config.read_text()
         kept = [line for line in config.splitlines() if line not in ran.splitlines()]
@@ -253,3 +279,61 @@ async def test_a_replica_stopped_as_kubernetes_stops_it_loses_no_answered_event(
             assert got.last_seq == len(sent)
     # The victim's sessions went on at the survivor, read back from Redis.
     assert counter(survivor.target, RESTORED) >= held
+
+
+READ_ONLY_ROOT = [
+    "unshare",
+    "--mount",
+    "--propagation",
+    "private",
+    "sh",
+    "-c",
+    # In a mount namespace of its own: /tmp (the pod's emptyDirs, and here the data
+    # volume, under pytest's tmp_path) stays writable, the rest of / is read-only.
+    'mount --bind /tmp /tmp && mount -o remount,bind,ro / && exec "$@"',
+    "sh",
+]
+
+
+def test_the_single_pod_runs_with_a_read_only_root_filesystem() -> None:
+    """What the server writes has a volume: with / read-only but for /tmp (the pod's
+    emptyDir and, here, its data volume), it starts, stores and drains as usual."""
+    tmp_path = Path(tempfile.mkdtemp(dir="/tmp"))  # under the writable /tmp for sure
+    probe = subprocess.run(
+        # the options of the mount at / as the server will see it, and /tmp writable
+        [*READ_ONLY_ROOT, "sh", "-c", f"touch {tmp_path}/ok && cat /proc/self/mountinfo"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if probe.returncode != 0 and "unshare" in probe.stderr:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.strip()}")
+    assert probe.returncode == 0, probe.stderr
+    root_options = [line.split()[5] for line in probe.stdout.splitlines() if line.split()[4] == "/"]
+    assert root_options and root_options[-1].split(",")[0] == "ro", probe.stdout
+    objects = render(K8S / "overlays" / "single")
+    server = container(objects, "StatefulSet", SERVER)
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"] for m in server["volumeMounts"]}
+    assert mounts == {"/tmp", "/var/lib/lstm-stream/data"}  # the only writable paths
+    data = tmp_path / "data"
+    data.mkdir()
+    store = ("sqlite:///var/lib/lstm-stream/data/state.db", f"sqlite://{data}/state.db")
+    pod = Pod(objects, store, READ_ONLY_ROOT)
+    try:
+        x = events(np.random.default_rng(8), 3)
+        with grpc.insecure_channel(pod.target.address) as channel:
+            stub = pb_grpc.LstmStreamStub(channel)
+            for row in x:
+                got = answers(stub.Step(request([Ev("ro", row)])))
+                assert got[0].code == 0, got[0].error
+            assert_state(stub.GetSession(pb.SessionRef(session_id="ro")), x)
+        assert (data / "state.db").exists()
+        pod.proc.send_signal(signal.SIGTERM)
+        assert pod.proc.wait(timeout=30) == 0
+        assert pod.proc.stderr is not None
+        log = pod.proc.stderr.read()
+        assert "Read-only file system" not in log and "Errno 30" not in log, log
+    finally:
+        pod.stop()
+        shutil.rmtree(tmp_path, ignore_errors=True)
