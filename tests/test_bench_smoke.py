@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,33 @@ async def test_bench_against_an_external_address_writes_valid_json(
     assert "| unknown | unknown | unknown |" in table
     assert "unknown for an external server (--address)" in table
     assert table in result.stdout
+
+
+def test_what_the_bench_starts_dies_when_the_bench_is_killed() -> None:
+    """SIGKILL leaves no cleanup to run: the kernel ends the child (PR_SET_PDEATHSIG)."""
+    script = (
+        "import time; from lstm_bench import procs; "
+        "t = procs.start('echo', None); print(t.proc.pid, flush=True); time.sleep(120)"
+    )
+    bench = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert bench.stdout is not None
+        child = int(bench.stdout.readline())
+        os.kill(child, 0)  # it runs
+        bench.kill()
+        bench.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child)
+    finally:
+        bench.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
