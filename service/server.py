@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -116,16 +117,14 @@ class Server:
         try:
             if s.tls_cert:
                 self.tls = TlsFiles(s.tls_cert, s.tls_key, s.tls_client_ca or None)
+                _check_tls_files(s.tls_cert, s.tls_key, s.tls_client_ca)
                 self.port = self._grpc.add_secure_port(address, self.tls.credentials())
             else:
                 self.port = self._grpc.add_insecure_port(address)
         except RuntimeError:  # grpcio's way of saying the port could not be bound
             self.port = 0
-        if self.port == 0:
-            raise OSError(
-                f"cannot listen for gRPC on {address}: the address is in use or not "
-                "available here; pick another with --port (or LSTM_PORT; 0 picks a free one)"
-            )
+        if self.port == 0:  # _cannot_bind found no problem: grpc's log line says what it was
+            raise OSError(f"cannot listen for gRPC on {address}")
         try:
             httpd, thread = start_http_server(
                 s.metrics_port, addr=s.metrics_bind_host, registry=self.metrics.registry
@@ -360,6 +359,31 @@ class Server:
 
 def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _check_tls_files(cert: str, key: str, client_ca: str) -> None:
+    """SecurityConfigError if the files are not a certificate, its own key (unencrypted) and
+    CA certificates: asked of Python's OpenSSL first, as grpc would print lines of its own
+    and then fail to listen."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # A password callback, so that an encrypted key fails instead of asking on the tty.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise SecurityConfigError(f"TLS key {key} is not the key of {cert}") from exc
+        why = exc.reason or "a PEM key that is encrypted or damaged"
+        raise SecurityConfigError(
+            f"TLS certificate {cert} with key {key} cannot be used ({why}); grpc needs an "
+            "unencrypted PEM key"
+        ) from exc
+    if client_ca:
+        try:
+            context.load_verify_locations(client_ca)
+        except ssl.SSLError as exc:
+            raise SecurityConfigError(
+                f"client CA {client_ca} holds no usable certificate ({exc.reason or exc})"
+            ) from exc
 
 
 def _cannot_bind(host: str, port: int) -> str | None:

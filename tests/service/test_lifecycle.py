@@ -105,6 +105,8 @@ async def test_client_disconnect_mid_stream_leaves_server_healthy(
     assert got[0].step == state.step + 1
 
 
+MAKE_CERTS = Path(__file__).resolve().parents[2] / "deploy" / "tls" / "make-test-certs.sh"
+
 SERVE = [
     sys.executable,
     "-c",
@@ -323,6 +325,7 @@ def contract_breaking_model(path: Path) -> Path:
         ("store unreachable", 1, "cannot open state store redis://127.0.0.1:"),
         ("store directory missing", 1, "cannot open state store {tmp}/none/state.db"),
         ("TLS certificate missing", 1, "cannot read TLS certificate {tmp}/cert.pem"),
+        ("TLS key of another certificate", 1, "TLS key {tmp}/a.key is not the key of"),
         ("token file missing", 1, "cannot read token file {tmp}/tokens"),
         ("repository missing", 1, "--model-repository {tmp}/repo: no such directory"),
         ("host not here", 1, "cannot listen for gRPC on 192.0.2.1:0: Cannot assign"),
@@ -349,11 +352,15 @@ def test_a_failed_start_is_one_line(tmp_path: Path, case: str, code: int, words:
             "--tls-key",
             f"{tmp_path}/key.pem",
         ],
+        "TLS key of another certificate": ["--tls-cert", "server.pem", "--tls-key", "a.key"],
         "token file missing": ["--auth-tokens", f"{tmp_path}/tokens"],
         "repository missing": ["--model-repository", f"{tmp_path}/repo"],
         "host not here": ["--host", "192.0.2.1"],  # TEST-NET-1: no machine has it
         "log level": ["--log-level", "loud"],
     }[case]
+    if case == "TLS key of another certificate":
+        subprocess.run(["sh", str(MAKE_CERTS), str(tmp_path), "localhost", "a"], check=True)
+        args = [str(tmp_path / arg) if "." in arg else arg for arg in args]
     got, lines = failed_start(*args)
     assert (got, len(lines)) == (code, 1), lines
     assert lines[0].startswith("lstm-serve: " + words.format(tmp=tmp_path)), lines
