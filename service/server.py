@@ -150,7 +150,8 @@ class Server:
         assert self._servicer is not None
         loop = asyncio.get_running_loop()
         if s.model_repository and not os.path.isdir(s.model_repository):
-            raise ConfigError(f"--model-repository {s.model_repository}: no such directory")
+            what = "not a directory" if os.path.exists(s.model_repository) else "no such directory"
+            raise ConfigError(f"--model-repository {s.model_repository}: {what}")
         self.store = open_store(s.state_store, s.store_sync, s.store_timeout, s.store_ttl)
         await loop.run_in_executor(None, self.store.open, s.store_reset, s.model_name)
         access = self._store_access = StoreAccess(self.store, self.metrics)
