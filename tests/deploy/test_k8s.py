@@ -142,7 +142,6 @@ def test_every_overlay_and_component_renders_and_follows_the_kubernetes_schemas(
     tmp_path: Path,
 ) -> None:
     documents = []
-    kinds = set()
     for overlay in (*(f"overlays/{o}" for o in OVERLAYS), "monitoring"):
         objects = render(K8S / overlay)
         assert objects, overlay
