@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 PORT ?= 50051
 METRICS_PORT ?= 9464
 
@@ -13,11 +14,19 @@ METRICS_PORT ?= 9464
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+
+# make run needs the package and what it imports, nothing more (like pip install .);
+# test, lint and bench add the dev tools. The dev stamp implies the run stamp.
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
 venv: $(STAMP) ## create .venv with the package and dev tools
 
@@ -60,7 +69,7 @@ test-gpu: ## the GPU check (tools/gpu_check.sh): e2e tests on --device cuda, mod
 		touch $(GPU_VENV)/.installed; fi; \
 	GPU_PYTHON=$(GPU_VENV)/bin/python bash tools/gpu_check.sh
 
-run: $(STAMP) ## start the server with the embedded default model (PORT=50051 METRICS_PORT=9464)
+run: $(RUN_STAMP) ## start the server with the embedded default model (PORT=50051 METRICS_PORT=9464)
 	$(BIN)/lstm-serve --port $(PORT) --metrics-port $(METRICS_PORT) --log-format text
 
 lint: $(STAMP) ## ruff (lint + format check), mypy, and cython-lint on the compiled hot path

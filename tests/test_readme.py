@@ -7,10 +7,12 @@ import asyncio
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from service.metrics import Metrics
@@ -123,3 +125,45 @@ def test_every_metric_is_in_the_operations_table() -> None:
     assert "process_" in table
     assert served - listed == set(), "metrics missing from docs/OPERATIONS.md's table"
     assert listed - served == set(), "rows for metrics the server does not export"
+
+
+DEV_TOOLS = ("pytest", "ruff", "mypy", "hadolint", "grpcio-tools", "hypothesis", "cython-lint")
+
+
+def make_dry_run(target: str, venv: Path) -> str:
+    """What ``make TARGET`` would run with ``.venv`` at ``venv`` (nothing is executed)."""
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    done = subprocess.run(
+        ["make", "-n", target, f"VENV={venv}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_make_run_installs_what_running_needs_and_test_the_dev_tools(tmp_path: Path) -> None:
+    """The README's install story: ``make run`` on a fresh clone is ``pip install -e .``
+    (what ``pip install .`` gives), the dev tools come with ``make test``/``make lint``."""
+    run = make_dry_run("run", tmp_path / "venv")
+    assert "pip install -q -e .\n" in run and "[dev]" not in run
+    assert "lstm-serve --port 50051 --metrics-port 9464" in run
+    for target in ("test", "lint"):
+        assert "pip install -q -e '.[dev]'" in make_dry_run(target, tmp_path / "venv"), target
+    # After make test, make run installs nothing more: the dev stamp covers running.
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").touch()
+    (tmp_path / "venv" / ".installed-run").touch()
+    assert "pip" not in make_dry_run("run", tmp_path / "venv")
+
+
+def test_the_packages_dependencies_hold_no_dev_tool() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = [re.split(r"[\s<>=!~;\[]", d, maxsplit=1)[0] for d in project["dependencies"]]
+    assert [n for n in names if n.startswith(DEV_TOOLS)] == []
+    dev = " ".join(project["optional-dependencies"]["dev"])
+    assert all(tool.split("-")[0] in dev for tool in ("pytest", "ruff", "mypy", "hadolint"))
