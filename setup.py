@@ -21,7 +21,7 @@ DIRECTIVES = {
 MODULES = [
     "service/api/codec.pyx",  # StepRequest bytes in, StepResponse bytes out
     "service/core/scan.pyx",  # admission's pass over the events, a run's pick
-    "service/state/rows.pyx",  # the table's pending counts
+    "service/counts.pyx",  # pending counts per row, histogram buckets
 ]
 
 setup(

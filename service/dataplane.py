@@ -129,7 +129,7 @@ class DataPlane:
         """The model a call names ("": the default); UnknownModel when none such serves."""
         return self.registry.resolve(name)
 
-    def _route(self, name: str) -> Route:
+    def route(self, name: str = "") -> Route:
         """The model a request names and its event size (every version takes as many),
         cached per name until the engine's lanes change: looked up once per request."""
         engine = self._engine
@@ -147,11 +147,7 @@ class DataPlane:
 
     def event_size(self, name: str = "") -> int:
         """Values per event of a model."""
-        return self._route(name)[1]
-
-    def route(self, name: str = "") -> Route:
-        """The model a request names and its event size, for ``step``: looked up once."""
-        return self._route(name)
+        return self.route(name)[1]
 
     def spec(self, name: str = "", version: int = 0) -> ModelSpec:
         """A model version's step contract (version 0: the newest ready one)."""
@@ -176,14 +172,14 @@ class DataPlane:
 
         ``route``: what ``route(model)`` gave, when the caller asked already.
         """
-        served = (route or self._route(model))[0]
+        served = (route or self.route(model))[0]
         engine = self._engine
         assert engine is not None
         if version and version not in served.lanes:
             raise UnknownModel(f"model {served.name!r} has no version {version} loaded")
         if tenant:
             self._scope(tenant, block)
-        return engine.submit(served.name, block, include_state, version)
+        return engine.submit(served, block, include_state, version)
 
     def _scope(self, tenant: str, block: EventBlock) -> None:
         """Namespace the block's ids; ids refused as sent are marked bad here."""

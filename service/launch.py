@@ -1,7 +1,7 @@
 """``lstm-serve``: starts the server once the compiled hot path is there, else says so in one line.
 
 The hot path (``service/api/codec.pyx``, ``service/core/scan.pyx``,
-``service/state/rows.pyx``) has no Python twin: an install that did not compile
+``service/counts.pyx``) has no Python twin: an install that did not compile
 it (a copied source tree, a failed build) is refused at start rather than run
 half-built.
 """
@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMPILED = ("service.api.codec", "service.core.scan", "service.state.rows")
+COMPILED = ("service.api.codec", "service.core.scan", "service.counts")
 
 
 def missing() -> list[str]:

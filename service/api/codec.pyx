@@ -124,12 +124,13 @@ cdef class StepRequestWire:
     def values(self, Py_ssize_t size):
         """``([n, size] float32 values, {event: problem} or None)``.
 
-        Columnar: a view of the request's bytes (the caller checked ``values_bytes``).
-        Per event: a copy; an event with another number of values gets a zero row and
-        its problem.
+        Columnar: a view of the request's bytes; ``MalformedBatch`` when the batch's
+        lengths disagree. Per event: a copy; an event with another number of values
+        gets a zero row and its problem.
         """
         cdef Py_ssize_t n = len(self.session_ids), i
         if self.columnar:
+            self._check_batch(n, size)
             return (
                 np.frombuffer(self.data, "<f4", n * size, self.values_at).reshape(n, size),
                 None,
@@ -157,6 +158,26 @@ cdef class StepRequestWire:
             if count[i] != size:
                 bad[i] = f"event has {count[i]} values; the model takes {size}"
         return out, bad
+
+
+    cdef _check_batch(self, Py_ssize_t n, Py_ssize_t e):
+        """A columnar batch whose lengths disagree is refused whole."""
+        problems = []
+        if self.n_seqs not in (0, n):
+            problems.append(f"seqs has {self.n_seqs} entries; expected 0 or {n}")
+        if self.n_resets not in (0, n):
+            problems.append(f"resets has {self.n_resets} entries; expected 0 or {n}")
+        got = self.values_bytes
+        if got != n * e * 4:
+            # Counted in values, as the per-event form counts them; bytes only when not whole.
+            held = f"{got // 4} values" if got % 4 == 0 else f"{got} bytes, not whole float32s,"
+            problems.append(f"values holds {held} where {n} x {e} = {n * e} are expected")
+        if problems:
+            raise MalformedBatch("malformed batch: " + "; ".join(problems))
+
+
+class MalformedBatch(ValueError):
+    """A columnar batch whose lengths disagree (the message says how)."""
 
 
 cdef str _text(const uint8_t* buf, Py_ssize_t start, Py_ssize_t length):
@@ -410,15 +431,16 @@ def encode_batch(
     const uint64_t[::1] steps,
     const float[:, ::1] outputs,
     const int32_t[::1] codes,
-    const uint8_t[::1] duplicates,
+    object duplicate_flags,
     dict errors,
     const uint64_t[::1] versions,
 ) -> bytes:
     """A ``StepResponse`` whose ``batch`` is the ``ResultBatch`` of n events, serialised.
 
-    ``errors`` maps an event to its message (empty for the others); ``duplicates`` is
-    a bool array viewed as uint8.
+    ``errors`` maps an event to its message (empty for the others); ``duplicate_flags``
+    is a bool (or uint8) array.
     """
+    cdef const uint8_t[::1] duplicates = duplicate_flags.view(np.uint8)
     cdef Py_ssize_t n = steps.shape[0], i, width = outputs.shape[1]
     cdef Py_ssize_t steps_len = 0, codes_len = 0, versions_len = 0, errors_len = 0
     cdef Py_ssize_t out_len = 4 * n * width, body = 0, total, pos = 0
@@ -512,7 +534,7 @@ def encode_results(
     const uint64_t[::1] seqs,
     const uint64_t[::1] steps,
     const float[:, ::1] outputs,
-    const uint8_t[::1] duplicates,
+    object duplicate_flags,
     dict errors,
     list states,
     const uint64_t[::1] versions,
@@ -525,6 +547,7 @@ def encode_results(
     message)}``) gets its code and message and no output or state. ``versions[i]``:
     the model version that answered event i (0: not sent).
     """
+    cdef const uint8_t[::1] duplicates = duplicate_flags.view(np.uint8)
     cdef Py_ssize_t n = len(session_ids), i, k, width = outputs.shape[1], total = 0, pos
     cdef Py_ssize_t n_states = len(states), body, id_len, entry_len
     cdef bint has_seqs = seqs is not None

@@ -6,12 +6,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 import onnxruntime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lstm_stream.v1 import lstm_stream_pb2 as pb
-from service.api.codec import StepRequestWire, encode_batch, encode_results, read_step_request
+from service.api.codec import (
+    MalformedBatch,
+    StepRequestWire,
+    encode_batch,
+    encode_results,
+    read_step_request,
+)
 from service.api.errors import ServiceError, Undecodable, rpc, status_of
 from service.api.security import Authenticator
 from service.api.streams import Streams
@@ -78,10 +83,13 @@ class LstmStreamServicer:
             context, lambda request: self._begin(request, tenant), self._response, _refusal
         )
 
-    def _begin(self, request: StepRequestWire | Undecodable, tenant: str = "") -> _Begun:
-        """Decode a request and queue its events; ServiceError for a whole-request problem."""
-        if isinstance(request, Undecodable):
-            raise request.error()
+    def _begin(self, request: StepRequestWire, tenant: str = "") -> _Begun:
+        """Decode a request and queue its events; ServiceError for a whole-request problem.
+
+        ``request`` is an ``Undecodable`` when its bytes were not a ``StepRequest``.
+        """
+        if request.__class__ is Undecodable:  # (no call per request, as isinstance is)
+            raise request.error()  # type: ignore[attr-defined]
         if request.mixed:
             raise ServiceError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -95,9 +103,10 @@ class LstmStreamServicer:
                 f"{n} events in one request; the limit is {limit} (--max-events-per-request)",
             )
         route = self.plane.route(request.model)
-        if request.columnar:
-            _check_batch(request, n, route.event_size)
-        values, bad = request.values(route.event_size)
+        try:
+            values, bad = request.values(route.event_size)
+        except MalformedBatch as exc:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         ids = request.session_ids
         block = EventBlock(ids, values, request.seqs, request.resets, bad)
         job = self.plane.step(
@@ -118,7 +127,7 @@ class LstmStreamServicer:
                 job.steps,
                 job.outputs,
                 job.codes,
-                job.duplicates.view(np.uint8),
+                job.duplicates,
                 job.errors,
                 job.versions,
             )
@@ -130,7 +139,7 @@ class LstmStreamServicer:
             seqs,
             job.steps,
             job.outputs,
-            job.duplicates.view(np.uint8),
+            job.duplicates,
             failed,
             states,
             job.versions,
@@ -293,24 +302,6 @@ class LstmStreamServicer:
                 for s in statuses
             ],
             default_model=self.plane.default_model,
-        )
-
-
-def _check_batch(request: StepRequestWire, n: int, e: int) -> None:
-    """A columnar batch whose lengths disagree is refused whole."""
-    problems = []
-    if request.n_seqs not in (0, n):
-        problems.append(f"seqs has {request.n_seqs} entries; expected 0 or {n}")
-    if request.n_resets not in (0, n):
-        problems.append(f"resets has {request.n_resets} entries; expected 0 or {n}")
-    got = request.values_bytes
-    if got != n * e * 4:
-        # Counted in values, as the per-event form counts them; bytes only when not whole.
-        held = f"{got // 4} values" if got % 4 == 0 else f"{got} bytes, not whole float32 values,"
-        problems.append(f"values holds {held} where {n} x {e} = {n * e} are expected")
-    if problems:
-        raise ServiceError(
-            grpc.StatusCode.INVALID_ARGUMENT, "malformed batch: " + "; ".join(problems)
         )
 
 

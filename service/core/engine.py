@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from asyncio import Future
 from collections.abc import Coroutine
 from typing import Any
 
@@ -153,16 +154,25 @@ class Engine:
     # -- events ----------------------------------------------------------------------
 
     def submit(
-        self, model: str, block: EventBlock, include_state: bool = False, version: int = 0
+        self,
+        model: str | ServedModel,
+        block: EventBlock,
+        include_state: bool = False,
+        version: int = 0,
     ) -> Job:
-        """Queue a request's events; ``job.future`` resolves when all of them are answered."""
+        """Queue a request's events; ``job.future`` resolves when all of them are answered.
+
+        ``model``: its name, or the model itself as the data plane found it.
+        """
         if self._closed:
             self.metrics.count_events("unavailable", len(block.session_ids))
             raise EngineClosed("the server is draining")
-        served = self.models.get(model)
+        served: ServedModel | None = (
+            self.models.get(model) if model.__class__ is str else model  # type: ignore[arg-type,assignment]
+        )
         if served is None or served.closed:
             raise UnknownModel(f"no model {model!r} is loaded")
-        job = Job(block, include_state, self._loop.create_future(), model, version)
+        job = Job(block, include_state, Future(loop=self._loop), served.name, version)
         self._inbox.append(job)
         if (
             self._parked

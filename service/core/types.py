@@ -115,7 +115,7 @@ class Job:
         version: int = 0,
     ):
         self.block = block
-        self.n = len(block.session_ids)
+        self.n = block.values.shape[0]
         self.include_state = include_state
         self.future = future
         self.model = model

@@ -14,9 +14,9 @@ from itertools import repeat
 
 import numpy as np
 
+from service.counts import add_at
 from service.state.kept import KeptEvents
 from service.state.keys import tenant_of
-from service.state.rows import add_at
 from service.store.base import StoredRows, StoreLayout
 
 

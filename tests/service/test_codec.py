@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
 from service.api.codec import (
+    MalformedBatch,
     StepRequestWire,
     encode_batch,
     encode_results,
@@ -245,10 +246,14 @@ def assert_read_as_protobuf(wire: object, request: pb.StepRequest, size: int) ->
         if batch.resets:
             assert wire.resets is not None and wire.resets.tolist() == list(batch.resets)
         n = len(batch.session_ids)
-        if len(batch.values) == 4 * n * size:
+        fits = len(batch.values) == 4 * n * size
+        if fits and len(batch.seqs) in (0, n) and len(batch.resets) in (0, n):
             values, bad = wire.values(size)
             assert bad is None
             assert values.tobytes() == batch.values
+        else:
+            with pytest.raises(MalformedBatch, match="^malformed batch: "):
+                wire.values(size)
         return
     events = request.events
     assert wire.session_ids == [ev.session_id for ev in events]

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
-from service.metrics import LATENCY_BUCKETS, BulkHistogram
+from service.metrics import LATENCY_BUCKETS, BulkHistogram, CounterCells, HistogramCells
 from service.server import Server
 from tests.conftest import ServerFactory
 from tests.service.client import Ev, request
@@ -138,3 +138,35 @@ def test_bulk_histogram_counts_as_prometheus_does(batches: list[list[float]]) ->
         assert registry.get_sample_value("bulk_seconds_bucket", le) == registry.get_sample_value(
             "plain_seconds_bucket", le
         )
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0, 3.0) | st.sampled_from(LATENCY_BUCKETS), max_size=30))
+def test_histogram_and_counter_cells_read_as_prometheus_objects_do(values: list[float]) -> None:
+    """The call-free cells a run updates expose what prometheus-client's own objects would."""
+    registry = CollectorRegistry()
+    cells = HistogramCells("cells_seconds", "cells", ["model"], LATENCY_BUCKETS)
+    counts = CounterCells("cells_events", "cells", ["model"])
+    registry.register(cells)
+    registry.register(counts)
+    plain = Histogram(
+        "plain_seconds", "plain", ["model"], buckets=LATENCY_BUCKETS, registry=registry
+    )
+    plain_counts = Counter("plain_events", "plain", ["model"], registry=registry)
+    cell, count = cells.cell("m"), counts.cell("m")
+    plain_cell, plain_count = plain.labels("m"), plain_counts.labels("m")
+    for v in values:
+        cell.observe(v)
+        plain_cell.observe(v)
+        count.value += v
+        plain_count.inc(v)
+    m = {"model": "m"}
+    for suffix in ("_count", "_sum"):
+        got = registry.get_sample_value("cells_seconds" + suffix, m)
+        assert got == pytest.approx(registry.get_sample_value("plain_seconds" + suffix, m))
+    for bound in (*LATENCY_BUCKETS, float("inf")):
+        le = {**m, "le": "+Inf" if bound == float("inf") else repr(float(bound))}
+        got = registry.get_sample_value("cells_seconds_bucket", le)
+        assert got == registry.get_sample_value("plain_seconds_bucket", le)
+    got = registry.get_sample_value("cells_events_total", m)
+    assert got == pytest.approx(registry.get_sample_value("plain_events_total", m))

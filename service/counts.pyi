@@ -1,0 +1,6 @@
+"""The typed face of the compiled counting loops (`counts.pyx`)."""
+
+import numpy as np
+
+def add_at(counts: np.ndarray, rows: np.ndarray, delta: int) -> None: ...
+def add_to_buckets(counts: np.ndarray, bounds: np.ndarray, values: np.ndarray) -> float: ...

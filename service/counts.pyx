@@ -1,0 +1,30 @@
+"""Counting loops of the hot path, compiled: pending events per table row, histogram buckets."""
+
+from libc.stdint cimport int32_t, int64_t
+
+
+def add_at(int32_t[::1] counts, const int64_t[::1] rows, int32_t delta):
+    """``counts[row] += delta`` for each of ``rows``, a row as often as it is listed."""
+    cdef Py_ssize_t i
+    for i in range(rows.shape[0]):
+        counts[rows[i]] += delta
+
+
+def add_to_buckets(int64_t[::1] counts, const double[::1] bounds, const double[::1] values):
+    """Count each value in its "le" bucket (``counts`` has one more cell than ``bounds``:
+    the +Inf bucket); the values' sum."""
+    cdef Py_ssize_t i, lo, hi, mid, n = bounds.shape[0]
+    cdef double v, total = 0.0
+    for i in range(values.shape[0]):
+        v = values[i]
+        lo = 0
+        hi = n
+        while lo < hi:  # the first bound >= v (a value equal to a bound is in its bucket)
+            mid = (lo + hi) >> 1
+            if bounds[mid] < v:
+                lo = mid + 1
+            else:
+                hi = mid
+        counts[lo] += 1
+        total += v
+    return total
