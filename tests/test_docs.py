@@ -4,7 +4,10 @@ document covers every RPC and field of the wire API."""
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -93,3 +96,49 @@ def test_the_protocol_document_covers_every_rpc_and_columnar_field() -> None:
             if not re.search(rf"`{f.name}`", text)
         ]
     assert missing == []
+
+
+BIN = Path(sys.executable).parent
+TROUBLESHOOTING = DOCS / "TROUBLESHOOTING.md"
+PRINTED = [
+    (["lstm-serve", "--model", "nope.onnx"], 1, "cannot read model nope.onnx: No such file"),
+    (["lstm-serve", "--model-repository", "nowhere"], 1, "--model-repository nowhere: no such"),
+    (["lstm-serve", "--state-store", "foo://x"], 2, "--state-store 'foo://x': expected memory"),
+    (["lstm-serve", "--state-store", "sqlite:///nonexistent/dir/state.db"], 1, "no directory"),
+    (["lstm-serve", "--max-sesions", "3"], 2, "unrecognized arguments: --max-sesions 3"),
+    (["lstm-serve", "--tls-cert", "x.pem"], 2, "--tls-cert and --tls-key go together"),
+    (["lstm-client", "--address", "127.0.0.1", "health"], 2, "has no port"),
+    (["lstm-client", "--address", "127.0.0.1:50051", "health"], 3, "(connection refused)"),
+]
+"""Commands whose error the troubleshooting page quotes: (argv, exit code, part of it)."""
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def printed(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    port = str(closed_port())  # lstm-client's address: nothing listens there
+    args = [str(BIN / argv[0]), *(a.replace("50051", port) for a in argv[1:])]
+    if argv[0] == "lstm-serve":
+        args += ["--port", "0", "--metrics-port", "0"]
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60)
+    done.stderr = done.stderr.replace(port, "50051")
+    return done
+
+
+def test_the_troubleshooting_page_quotes_the_errors_as_printed(tmp_path: Path) -> None:
+    """Each quoted error is what the command prints today, in one line, with its exit code;
+    a message that changes fails here until the page says the new one."""
+    page = TROUBLESHOOTING.read_text()
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda case: printed(case[0], tmp_path), PRINTED))
+    wrong = []
+    for (argv, code, part), done in zip(PRINTED, runs):
+        line = (done.stderr.strip().splitlines() or ["(nothing)"])[-1]
+        quoted = f"`{line}`" in page or f"\n{line}\n" in page  # in a table, or a block
+        if done.returncode != code or part not in line or not quoted:
+            wrong.append(f"{' '.join(argv)}: exit {done.returncode}, {line}")
+    assert wrong == []
