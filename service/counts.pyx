@@ -1,6 +1,8 @@
 """Counting loops of the hot path, compiled: pending events per table row, histogram buckets."""
 
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t
+
+import numpy as np
 
 
 def add_at(int32_t[::1] counts, const int64_t[::1] rows, int32_t delta):
@@ -28,3 +30,13 @@ def add_to_buckets(int64_t[::1] counts, const double[::1] bounds, const double[:
         counts[lo] += 1
         total += v
     return total
+
+
+def any_nonzero(object array):
+    """Whether a 1-D contiguous array (uint64 seqs, bool resets) holds a nonzero element."""
+    cdef const uint8_t[::1] raw = array.view(np.uint8)
+    cdef Py_ssize_t i
+    for i in range(raw.shape[0]):
+        if raw[i]:
+            return True
+    return False

@@ -243,6 +243,7 @@ class Runtime:
         self.provider = self._session.get_providers()[0]
         self.spec = _check_contract(self._session, source, _output_alias(model))
         self._outputs = ["output", *(f"{name}_out" for name in self.spec.state_names)]
+        self._state_widths = list(self.spec.state_sizes)
         log.info(
             "model loaded: source=%s provider=%s device=%s event_size=%d output_size=%d states=%s",
             source,
@@ -262,9 +263,9 @@ class Runtime:
         output, *new_states = self._session.run(self._outputs, feeds)
         # A graph can compute other shapes than it declares; never store those.
         batch = event.shape[0]
-        if output.shape != (batch, self.spec.output_size) or any(
-            s.shape != (batch, size) for s, size in zip(new_states, self.spec.state_sizes)
-        ):
+        if output.shape != (batch, self.spec.output_size) or [s.shape for s in new_states] != [
+            (batch, k) for k in self._state_widths
+        ]:
             got = ", ".join(str(a.shape) for a in (output, *new_states))
             raise ModelOutputError(f"the model returned shapes {got} for a batch of {batch}")
         return output, new_states

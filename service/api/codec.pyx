@@ -159,7 +159,6 @@ cdef class StepRequestWire:
                 bad[i] = f"event has {count[i]} values; the model takes {size}"
         return out, bad
 
-
     cdef _check_batch(self, Py_ssize_t n, Py_ssize_t e):
         """A columnar batch whose lengths disagree is refused whole."""
         problems = []

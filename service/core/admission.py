@@ -150,22 +150,33 @@ class Admission:
         n: int,
     ) -> None:
         """Queue the events at ``at`` (None: all) in ``lane``'s pool."""
-
-        def kept(column: np.ndarray) -> np.ndarray:
-            return column if at is None else column[at]
-
-        acc_slots = kept(slots)
+        if at is None:  # every event (the common case): the columns as they are
+            if not slots.size:
+                return
+            lane.pool.extend(
+                slots=slots,
+                values=columns["values"],
+                seqs=columns["seqs"],
+                resets=columns["resets"],
+                t0=columns["t0"],
+                intake=np.full(n, key, np.int64),
+                row=np.arange(n),
+                job=columns["job"],
+            )
+            lane.table.hold(slots)
+            return
+        acc_slots = slots[at]
         if not acc_slots.size:
             return
         lane.pool.extend(
             slots=acc_slots,
-            values=kept(columns["values"]),
-            seqs=kept(columns["seqs"]),
-            resets=kept(columns["resets"]),
-            t0=kept(columns["t0"]),
+            values=columns["values"][at],
+            seqs=columns["seqs"][at],
+            resets=columns["resets"][at],
+            t0=columns["t0"][at],
             intake=np.full(acc_slots.size, key, np.int64),
-            row=np.arange(n) if at is None else at,
-            job=kept(columns["job"]),
+            row=at,
+            job=columns["job"][at],
         )
         lane.table.hold(acc_slots)
 

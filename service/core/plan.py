@@ -9,11 +9,12 @@ stale back at the front of the pool.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from service.core.pool import Events, Pool, select
+from service.counts import any_nonzero
 from service.state.table import SessionTable
 
 
@@ -40,13 +41,15 @@ class StepPlan:
     """How long the model ran (-1: it did not)."""
     cpu: float = 0.0
     """ONNX Runtime's CPU time in the run."""
+    slots: np.ndarray = field(init=False)
+    """Every event's row, duplicates included."""
 
     @classmethod
     def make(cls, pool: Pool, table: SessionTable, max_batch: int) -> StepPlan:
         started = time.perf_counter()
         events = pool.take(pool.pick(max_batch, table.capacity))
         slots, seqs = events["slots"], events["seqs"]
-        sequenced = bool(seqs.any())
+        sequenced = any_nonzero(seqs)
         if sequenced:
             duplicate = (seqs > 0) & (seqs <= table.last_seqs(slots))
             all_apply = not duplicate.any()
@@ -61,21 +64,18 @@ class StepPlan:
         if run_slots.size:
             states = table.gather(run_slots)
             resets = events["resets"] if all_apply else events["resets"][apply]
-            if resets.any():
+            if any_nonzero(resets):
                 run_resets = resets
                 for s in states:
                     s[resets] = 0.0
         run_seqs = None
         if sequenced:
             run_seqs = seqs if all_apply else seqs[apply]
-        return cls(
+        plan = cls(
             events, duplicate, all_apply, run_slots, values, states, run_seqs, run_resets, started
         )
-
-    @property
-    def slots(self) -> np.ndarray:
-        """Every event's row, duplicates included."""
-        return self.events["slots"]
+        plan.slots = slots
+        return plan
 
     @property
     def queued_at(self) -> np.ndarray:
@@ -112,6 +112,7 @@ class StepPlan:
         keep[again] = False
         pool.push_front(select(self.events, again))
         self.events = select(self.events, keep)
+        self.slots = self.events["slots"]
         self.duplicate = self.duplicate[keep]
         self.run_slots = np.delete(self.run_slots, stale)
         self.values = np.delete(self.values, stale, axis=0)

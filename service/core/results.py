@@ -9,6 +9,7 @@ from itertools import accumulate
 import numpy as np
 
 from service.core.pool import Events
+from service.core.scan import result_columns
 from service.core.types import Code, Failure, Job
 
 
@@ -38,11 +39,9 @@ class Intake:
         self.starts = list(accumulate([job.n for job in jobs], initial=0))
         """Row of each job's first event; ``starts[-1]`` is the number of events."""
         n = self.starts[-1]
-        self.steps = np.zeros(n, np.uint64)
-        self.outputs = np.zeros((n, output_size), np.float32)
-        self.codes = np.zeros(n, np.int32)
-        self.duplicates = np.zeros(n, np.bool_)
-        self.versions = np.zeros(n, np.uint64)
+        self.steps, self.outputs, self.codes, self.duplicates, self.versions = result_columns(
+            n, output_size
+        )
         self.state_sizes = tuple(state_sizes)
         """States are given for events computed with this layout (the model's newest at intake)."""
         with_state = any([job.include_state for job in jobs])

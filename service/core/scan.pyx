@@ -155,3 +155,15 @@ def first_per_row(const int64_t[::1] slots, Py_ssize_t max_batch, int64_t[::1] m
     for i in range(taken):
         marks[slots[out[i]]] = -1
     return picked[:taken]
+
+
+def result_columns(Py_ssize_t n, Py_ssize_t output_size):
+    """Zeroed answers for n events: steps, ``[n, output_size]`` outputs, codes, duplicates
+    and versions (one call for the five arrays an intake holds)."""
+    return (
+        np.zeros(n, np.uint64),
+        np.zeros((n, output_size), np.float32),
+        np.zeros(n, np.int32),
+        np.zeros(n, np.bool_),
+        np.zeros(n, np.uint64),
+    )
