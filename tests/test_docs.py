@@ -3,6 +3,8 @@ document covers every RPC and field of the wire API."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 
 from lstm_stream.oip.v2 import inference_pb2 as oip_pb
 from lstm_stream.v1 import lstm_stream_pb2 as pb
+from tests.conftest import ServerFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -142,3 +145,39 @@ def test_the_troubleshooting_page_quotes_the_errors_as_printed(tmp_path: Path) -
         if done.returncode != code or part not in line or not quoted:
             wrong.append(f"{' '.join(argv)}: exit {done.returncode}, {line}")
     assert wrong == []
+
+
+REFUSED_LINES = [
+    {"session_id": "a", "values": [0.5] * 31},
+    '{"session_id": "a", "values": [NaN' + ", 0.5" * 31 + "]}",
+    '{"session_id": "a", "values": [1e39' + ", 0.5" * 31 + "]}",
+    {"session_id": "a", "value": [0.5] * 32},
+    "not json",
+    {"session_id": "b", "values": [0.5] * 32},
+    {"session_id": "c", "values": [0.5] * 32},
+    {"session_id": "d", "values": [0.5] * 32},
+]
+"""The lines whose refusals the troubleshooting page quotes (a server holding 2 sessions)."""
+
+
+async def test_the_troubleshooting_page_quotes_refused_lines_as_printed(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = await start_server(max_sessions=2)
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in REFUSED_LINES)
+    )
+    address = f"127.0.0.1:{server.port}"
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [str(BIN / "lstm-client"), "--address", address, "stream", str(events)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    printed = done.stderr.strip().splitlines()
+    assert len(printed) == 6  # lines 1-5 and 8 refused; 6 and 7 answered
+    page = TROUBLESHOOTING.read_text()
+    assert [line for line in printed if f"`{line}`" not in page] == []
