@@ -69,7 +69,7 @@ test-gpu: ## the GPU check (tools/gpu_check.sh): e2e tests on --device cuda, mod
 		touch $(GPU_VENV)/.installed; fi; \
 	GPU_PYTHON=$(GPU_VENV)/bin/python bash tools/gpu_check.sh
 
-run: $(RUN_STAMP) ## start the server with the embedded default model (PORT=50051 METRICS_PORT=9464)
+run: $(RUN_STAMP) ## serve the embedded default model (PORT=50051 METRICS_PORT=9464); .venv gets only what running needs
 	$(BIN)/lstm-serve --port $(PORT) --metrics-port $(METRICS_PORT) --log-format text
 
 lint: $(STAMP) ## ruff (lint + format check), mypy, and cython-lint on the compiled hot path
