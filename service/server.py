@@ -417,7 +417,8 @@ def _cannot_bind(host: str, port: int) -> str | None:
     return None
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, log_hold: logs.HeldUntilStarted | None = None) -> int:
+    """Start, serve until SIGTERM/SIGINT; 1 after one line on stderr if the start fails."""
     server = Server(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -435,9 +436,13 @@ async def serve(settings: Settings) -> int:
         StoreMismatchError,
     ) as exc:
         # The one line a failed start prints; nothing else was logged about it.
-        print(f"lstm-serve: {exc}", file=sys.stderr, flush=True)
         await server.stop(0)
+        if log_hold is not None:
+            log_hold.started(False)
+        print(f"lstm-serve: {exc}", file=sys.stderr, flush=True)
         return 1
+    if log_hold is not None:
+        log_hold.started(True)
     tune_gc()
     print(
         f"lstm-serve: gRPC on {settings.host}:{server.port}, "
@@ -489,9 +494,9 @@ def tune_gc() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_args(argv)
-    logs.configure(settings.log_level, settings.log_format)
+    log_hold = logs.configure(settings.log_level, settings.log_format)
     fix_malloc_threshold()
-    return asyncio.run(serve(settings))
+    return asyncio.run(serve(settings, log_hold))
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ from prometheus_client import CollectorRegistry
 from lstm_bench import procs
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
+from model_export.onnx_export import build_model
 from service.api.native import SERVICE_NAME
 from service.server import Server
 from tests.conftest import DEVICE, ServerFactory, make_settings
 from tests.service.client import Ev, answers, request
 from tests.service.reference import Reference, events
+from tests.service.versions import parameters
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -364,3 +366,23 @@ def test_a_failed_start_is_one_line(tmp_path: Path, case: str, code: int, words:
     got, lines = failed_start(*args)
     assert (got, len(lines)) == (code, 1), lines
     assert lines[0].startswith("lstm-serve: " + words.format(tmp=tmp_path)), lines
+
+
+async def test_a_store_of_other_weights_fails_the_start_in_one_line(
+    tmp_path: Path, start_server: ServerFactory
+) -> None:
+    """The store holds sessions the model file's weights did not compute: one line (not
+    the runtime's "model loaded" before it), exit 1."""
+    store = f"sqlite://{tmp_path}/state.db"
+    server = await start_server(state_store=store)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        await pb_grpc.LstmStreamStub(channel).Step(request([Ev("s", np.zeros(32))]))
+    await server.stop(grace=1.0)
+    other = tmp_path / "other.onnx"
+    other.write_bytes(build_model(parameters(1)).SerializeToString())
+    code, lines = await asyncio.to_thread(
+        failed_start, "--model", str(other), "--state-store", store
+    )
+    assert (code, len(lines)) == (1, 1), lines
+    assert lines[0].startswith(f"lstm-serve: state store {tmp_path}/state.db holds sessions")
+    assert "--store-reset" in lines[0]
