@@ -224,6 +224,11 @@ class Registry:
     async def unload(self, name: str) -> None:
         """Unload every version of a model (explicit control)."""
         async with self._lock:
+            # A version waiting to be tried again is not, once its model is unloaded.
+            for key in [k for k, f in self.failed.items() if k[0] == name and not f.settled]:
+                failed = self.failed[key]
+                self.failed[key] = FailedLoad(failed.signature, failed.error, True)
+                self._set(name, key[1], UNAVAILABLE, "unloaded")
             if name not in self.engine.models:
                 raise UnknownModel(f"no model {name!r} is loaded")
             await self._unload(name, "unloaded")
@@ -388,20 +393,23 @@ class Registry:
     def _retry_unsettled(self) -> None:
         """Without polling, nothing else looks again: a version not settled yet is tried
         again ``settle_s`` later."""
-        if self.poll_s is not None or self._retry is not None:
+        if self.poll_s is not None or self._retry is not None or not self._unsettled():
             return
-        names = sorted({name for (name, _), f in self.failed.items() if not f.settled})
-        if names:
-            self._retry = asyncio.get_running_loop().create_task(
-                self._retry_later(names), name="retry-unsettled"
-            )
-            self._tasks.add(self._retry)
-            self._retry.add_done_callback(self._tasks.discard)
+        self._retry = asyncio.get_running_loop().create_task(
+            self._retry_later(), name="retry-unsettled"
+        )
+        self._tasks.add(self._retry)
+        self._retry.add_done_callback(self._tasks.discard)
 
-    async def _retry_later(self, names: list[str]) -> None:
+    def _unsettled(self) -> list[str]:
+        return sorted({name for (name, _), f in self.failed.items() if not f.settled})
+
+    async def _retry_later(self) -> None:
         await asyncio.sleep(self.settle_s)
         self._retry = None
-        await self.sync(names)
+        names = self._unsettled()  # as they are now: an unload may have taken some away
+        if names:
+            await self.sync(names)
 
     async def install(
         self, name: str, version: int, runtime: Runtime, data: bytes, config: ModelConfig
