@@ -132,7 +132,8 @@ class LstmStreamServicer:
                 job.versions,
             )
         seqs = begun.block.seqs
-        failed = {i: (int(job.codes[i]), message) for i, message in job.errors.items()}
+        errors = job.errors
+        failed = {i: (int(job.codes[i]), m) for i, m in errors.items()} if errors else {}
         states = list(zip(job.state_names, job.states)) if job.states is not None else []
         return encode_results(
             begun.ids,

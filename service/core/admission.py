@@ -153,13 +153,15 @@ class Admission:
         if at is None:  # every event (the common case): the columns as they are
             if not slots.size:
                 return
+            intake = np.empty(n, np.int64)  # np.full, without its Python wrapper
+            intake.fill(key)
             lane.pool.extend(
                 slots=slots,
                 values=columns["values"],
                 seqs=columns["seqs"],
                 resets=columns["resets"],
                 t0=columns["t0"],
-                intake=np.full(n, key, np.int64),
+                intake=intake,
                 row=np.arange(n),
                 job=columns["job"],
             )

@@ -74,6 +74,7 @@ class Engine:
         self.models: dict[str, ServedModel] = {}
         self.admissions: dict[str, Admission] = {}
         self._lanes: list[Lane] = []
+        self._one_lane = False
         self.generation = 0
         """Counts changes of the lanes (a version loaded, retired or dropped)."""
         self._inbox: list[Job] = []
@@ -112,6 +113,7 @@ class Engine:
     def lanes_changed(self) -> None:
         """A lane was added, retired or dropped: the run loop's list follows."""
         self._lanes = [lane for model in self.models.values() for lane in model.by_age]
+        self._one_lane = len(self._lanes) == 1
         self.generation += 1
 
     async def run_batch(
@@ -199,8 +201,8 @@ class Engine:
         lane = self._next_lane()
         if (
             lane is not None
-            and len(lane.pool) <= self.inline_batch
-            and not lane.cache.persistent  # a commit awaits the store
+            and lane.pool.size <= self.inline_batch
+            and not lane.persistent  # a commit awaits the store
             and not lane.cache.lock.locked()
         ):
             try:
@@ -298,9 +300,9 @@ class Engine:
     def _next_lane(self) -> Lane | None:
         """The lane with events pending, oldest event first."""
         lanes = self._lanes
-        if len(lanes) == 1:
-            return lanes[0] if len(lanes[0].pool) else None
-        ready = [lane for lane in lanes if len(lane.pool)]
+        if self._one_lane:
+            return lanes[0] if lanes[0].pool.size else None
+        ready = [lane for lane in lanes if lane.pool.size]
         if not ready:
             return None
         return min(ready, key=lambda lane: lane.oldest)

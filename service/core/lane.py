@@ -32,6 +32,8 @@ class Lane:
         self.spec: ModelSpec = runtime.spec
         self.metrics = metrics if metrics is not None else cache.metrics.lane(model, version)
         self.pool = Pool(runtime.spec.event_size)
+        self.persistent = cache.persistent
+        """Its sessions are written to a state store (each run's commit is awaited)."""
         self.retiring: str | None = None
         """None while new sessions may start here; else the retire policy its sessions follow."""
         self.unloaded = False

@@ -33,11 +33,13 @@ class Pool:
             "job": np.zeros(0, np.int64),
         }
         self._columns = self._empty
+        self.size = 0
+        """How many events are pending (``len``, without a call)."""
         self._marks = np.zeros(0, np.int64)
         """Scratch for ``pick``: a cell per table row, -1 between picks."""
 
     def __len__(self) -> int:
-        return self._columns["slots"].size  # type: ignore[no-any-return]
+        return self.size
 
     @property
     def slots(self) -> np.ndarray:
@@ -51,26 +53,30 @@ class Pool:
     def extend(self, **new: np.ndarray) -> None:
         """Add events (every field of ``FIELDS``) after the others."""
         old = self._columns
-        if not old["slots"].size:
+        if not self.size:
             self._columns = new
         else:
             self._columns = {name: np.concatenate((old[name], new[name])) for name in self.FIELDS}
+        self.size = self._columns["slots"].size
 
     def push_front(self, rows: Events) -> None:
         """Put rows taken earlier back before every other row (they stay the oldest)."""
         old = self._columns
         self._columns = {name: np.concatenate((rows[name], old[name])) for name in self.FIELDS}
+        self.size = self._columns["slots"].size
 
     def take(self, picked: np.ndarray) -> Events:
         """Remove and return the rows at ``picked`` (sorted positions)."""
         columns = self._columns
-        n = columns["slots"].size
+        n = self.size
         if picked.size == n:
             self._columns = self._empty
+            self.size = 0
             return columns
         keep = np.ones(n, np.bool_)
         keep[picked] = False
         self._columns = {name: column[keep] for name, column in columns.items()}
+        self.size = n - picked.size
         return {name: column[picked] for name, column in columns.items()}
 
     def take_all(self) -> Events:
