@@ -22,6 +22,23 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+_DIES_WITH_PARENT = (
+    "import ctypes, os, signal, sys; "
+    f"ctypes.CDLL(None).prctl({_PR_SET_PDEATHSIG}, signal.SIGKILL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def dying(cmd: list[str]) -> list[str]:
+    """``cmd`` (an absolute path first) behind a small exec wrapper that sets the death
+    signal in the child itself: a ``preexec_fn`` forks this process as it is, and where it
+    runs gRPC (a test's client) gRPC's fork handlers can break the child or this process's
+    own channels. Same pid, same death signal, which survives the exec."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", _DIES_WITH_PARENT, *cmd]
+
+
 @dataclass
 class Target:
     kind: str  # "server", "echo", "echo-pipelined" or "external"
@@ -120,9 +137,7 @@ def start(kind: str, cpus: set[int] | None, extra: list[str] | None = None) -> T
         cmd = [sys.executable, "-m", "lstm_bench.echo", "--port", "0"]
         if kind == "echo-pipelined":
             cmd.append("--pipelined")
-    proc = subprocess.Popen(
-        [*cmd, *(extra or [])], stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent
-    )
+    proc = subprocess.Popen(dying([*cmd, *(extra or [])]), stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if "gRPC on" not in line:

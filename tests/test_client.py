@@ -95,6 +95,7 @@ async def test_stream_resumes_after_the_server_restarts(tmp_path: Path, kind: st
     assert first.proc is not None
     answered = 0
     restarted = threading.Event()
+    finished = threading.Event()
 
     def restart() -> None:
         first.proc.kill()  # type: ignore[union-attr]
@@ -102,6 +103,7 @@ async def test_stream_resumes_after_the_server_restarts(tmp_path: Path, kind: st
         extra = ["--device", DEVICE, "--state-store", db, "--port", str(port)]
         holder.append(procs.start("server", None, extra))
         restarted.set()
+        finished.wait(120)  # the server dies with the thread that started it
 
     holder: list[procs.Target] = []
 
@@ -149,6 +151,7 @@ async def test_stream_resumes_after_the_server_restarts(tmp_path: Path, kind: st
     finally:
         for target in (first, *holder):
             target.stop()
+        finished.set()
 
 
 @pytest.mark.parametrize("form", ["columnar", "events"])
