@@ -80,25 +80,26 @@ class RedisServer:
     def _start(self) -> bool:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [
-                need("redis-server"),
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--dir",
-                str(self.directory),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                self.fsync,
-                "--save",
-                "",
-                "--logfile",
-                str(self.directory / "redis.log"),
-            ],
+            procs.dying(  # dies with whoever started it (a test, the bench)
+                [
+                    need("redis-server"),
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--dir",
+                    str(self.directory),
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    self.fsync,
+                    "--save",
+                    "",
+                    "--logfile",
+                    str(self.directory / "redis.log"),
+                ]
+            ),
             stdout=subprocess.DEVNULL,
-            preexec_fn=procs.die_with_parent,
         )
         deadline = time.monotonic() + 10
         while not self.ping():
@@ -287,11 +288,10 @@ class Proxy:
 
     def start(self) -> Proxy:
         self.proc = subprocess.Popen(
-            [need("haproxy"), "-W", "-db", "-f", str(self.config)],
+            procs.dying([need("haproxy"), "-W", "-db", "-f", str(self.config)]),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=procs.die_with_parent,
         )
 
         def read(stream: object = self.proc.stderr) -> None:
