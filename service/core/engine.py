@@ -87,6 +87,8 @@ class Engine:
         """When the last run ended (``perf_counter``)."""
         self._run_seconds = 0.0
         """How long the last run took, answering included."""
+        self._last_size = 0
+        """How many events the last run answered."""
         self._idle = asyncio.Event()
         self._idle.set()
         self._loop = asyncio.get_running_loop()
@@ -180,6 +182,7 @@ class Engine:
             self._parked
             and not self._woken  # nothing else waits for the run loop
             and job.n <= self.inline_batch
+            and self._last_size <= self.inline_batch  # a busy server's runs are large
             and job.t0 - self._finished_at > self._run_seconds
         ):
             self._run_direct()
@@ -193,9 +196,10 @@ class Engine:
         """Admit and run a small request on its caller's turn: the engine is idle.
 
         A lone event then costs no wake-up of the run loop, no task switch and no
-        thread hop. Idle means the run loop waits for work and has waited longer
-        than its last run took: requests that come close behind one another (a
-        busy server) wake the run loop as usual and are batched together.
+        thread hop. Idle means the run loop waits for work, has waited longer than
+        its last run took, and that run was small: requests that come close behind
+        one another, or after a large run (a busy server), wake the run loop as
+        usual and are batched together.
         """
         self._admit()
         lane = self._next_lane()
@@ -337,6 +341,7 @@ class Engine:
         self._count(lane, plan, failure)
         self._finished_at = time.perf_counter()
         self._run_seconds = self._finished_at - plan.started
+        self._last_size = plan.slots.size
 
     def _infer(self, lane: Lane, plan: StepPlan) -> tuple[np.ndarray, list[np.ndarray]]:
         """Run the model on the loop (a small run): its output and states (_RunFailed: why not)."""

@@ -144,6 +144,24 @@ async def test_requests_close_behind_one_another_are_still_batched(runtime: Runt
     await batcher.stop()
 
 
+async def test_after_a_large_run_a_small_request_still_waits_for_the_run_loop(
+    runtime: Runtime,
+) -> None:
+    """A large run means a busy server: the next small request is batched, not run alone."""
+    batcher = await make(runtime, inline_batch=16)
+    await parked(batcher)
+    xs = events(np.random.default_rng(11), 21)
+    big = batcher.submit(block([f"s{i}" for i in range(20)], xs[:20]))
+    await big.future  # type: ignore[misc]
+    for _ in range(3):
+        await asyncio.sleep(0)  # the run loop parks again
+    small = batcher.submit(block(["a"], xs[20:]))
+    assert not small.future.done()  # type: ignore[union-attr]
+    await small.future  # type: ignore[misc]
+    assert small.steps.tolist() == [1]
+    await batcher.stop()
+
+
 async def test_without_inline_runs_nothing_runs_on_the_callers_turn(runtime: Runtime) -> None:
     batcher = await make(runtime, inline_batch=0)
     await parked(batcher)
