@@ -28,7 +28,7 @@ from lstm_stream.oip.v2 import inference_pb2 as oip_pb
 from lstm_stream.v1 import lstm_stream_pb2 as native_pb
 from service import logs
 from service.api.handlers import register
-from service.api.native import READERS, SERVICE_NAME, LstmStreamServicer
+from service.api.native import READERS, SERVICE_NAME, WRITTEN, LstmStreamServicer
 from service.api.oip import SERVICE_NAME as OIP_SERVICE
 from service.api.oip import InferenceServicer
 from service.api.security import (
@@ -106,7 +106,7 @@ class Server:
         tokens = TokenFile(s.auth_tokens) if s.auth_tokens else None
         self.auth = Authenticator(tokens, s.tenant_from_cert)
         self._servicer = LstmStreamServicer(s, self.metrics, self.plane, self.auth)
-        register(self._servicer, self._grpc, native_pb, "LstmStream", READERS)
+        register(self._servicer, self._grpc, native_pb, "LstmStream", READERS, WRITTEN)
         self._oip = InferenceServicer(s, self.metrics, self.plane, self.auth)
         register(self._oip, self._grpc, oip_pb, "GRPCInferenceService")
         address = f"{_bracket(s.host)}:{s.port}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 
 import grpc
@@ -17,11 +17,14 @@ def register(
     module: ModuleType,
     service: str,
     readers: Mapping[str, Callable[[bytes], object | None]] | None = None,
+    written: Sequence[str] = (),
 ) -> None:
     """Register ``servicer``'s methods for ``service`` of a generated ``*_pb2`` module,
     like the generated ``add_*Servicer_to_server``, with parsers that turn undecodable
     messages into ``Undecodable``. ``readers`` maps a request type's name to a reader
-    of its bytes used instead of protobuf's parser (None: not such a message)."""
+    of its bytes used instead of protobuf's parser (None: not such a message);
+    ``written`` names methods whose handlers answer with the response's bytes only
+    (gRPC sends them as they are)."""
     descriptor = module.DESCRIPTOR.services_by_name[service]
     handlers = {}
     readers = readers or {}
@@ -39,7 +42,7 @@ def register(
             request_deserializer=(
                 _parser(request_type) if reader is None else _reading(reader, request_type)
             ),
-            response_serializer=_serializer(response_type),
+            response_serializer=None if method.name in written else _serializer(response_type),
         )
     generic = grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
     server.add_generic_rpc_handlers((generic,))

@@ -27,6 +27,8 @@ from service.settings import Settings
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmStream"].full_name
 READERS = {"StepRequest": read_step_request}
 """Requests read straight from their bytes rather than parsed into messages."""
+WRITTEN = ("Step", "StreamSteps")
+"""Methods whose every answer is already the response's bytes."""
 
 
 @dataclass
@@ -306,12 +308,12 @@ class LstmStreamServicer:
         )
 
 
-def _refusal(exc: Exception) -> pb.StepResponse | None:
+def _refusal(exc: Exception) -> bytes | None:
     """A request refused whole is answered in the stream, which goes on; None for a bug."""
     code, message = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
         return None
-    return pb.StepResponse(code=code.value[0], error=message)
+    return pb.StepResponse(code=code.value[0], error=message).SerializeToString()
 
 
 def _number(text: str | None) -> int:
