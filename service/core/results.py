@@ -9,7 +9,7 @@ from itertools import accumulate
 import numpy as np
 
 from service.core.pool import Events
-from service.core.scan import result_columns
+from service.core.scan import job_counts, result_columns
 from service.core.types import Code, Failure, Job
 
 
@@ -163,15 +163,8 @@ class Intakes:
         failure: Failure | None,
         duplicate: np.ndarray,
     ) -> None:
-        # Within an intake, events keep their order, so job numbers never decrease
-        # (refused cold events may come later, out of order: unique() still counts them).
-        if jobs[0] == jobs[-1]:
-            per_job: Sequence[tuple[int, int]] = [(int(jobs[0]), jobs.size)]
-        else:
-            done_jobs, done_counts = np.unique(jobs, return_counts=True)
-            per_job = list(zip(done_jobs.tolist(), done_counts.tolist()))
         finished = 0
-        for j, count in per_job:
+        for j, count in job_counts(jobs):  # in any order (refused cold events come later)
             job = intake.jobs[j]
             if failure is not None:
                 for i in rows[(jobs == j) & ~duplicate].tolist():

@@ -10,6 +10,7 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
 from libc.math cimport isfinite
 from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
 
 import numpy as np
@@ -167,3 +168,22 @@ def result_columns(Py_ssize_t n, Py_ssize_t output_size):
         np.zeros(n, np.bool_),
         np.zeros(n, np.uint64),
     )
+
+
+def job_counts(const int64_t[::1] jobs):
+    """``[(job, how many of jobs are it), ...]`` for each job that occurs, by job number."""
+    cdef Py_ssize_t n = jobs.shape[0], i, top = -1
+    for i in range(n):
+        if jobs[i] > top:
+            top = jobs[i]
+    if top < 0:
+        return []
+    cdef int64_t* counts = <int64_t*>calloc(top + 1, sizeof(int64_t))
+    if counts is NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            counts[jobs[i]] += 1
+        return [(j, counts[j]) for j in range(top + 1) if counts[j]]
+    finally:
+        free(counts)
