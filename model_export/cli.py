@@ -46,7 +46,7 @@ written), 2 refused, or --check differs (nothing written; the reason on stderr).
 
 TORCH_RECIPE = (
     "x = torch.randn(50, 4, E)  # [T, B, E]: 50 steps of 4 sequences; E = the event size",
-    "with torch.no_grad(): y = model.eval()(x)  # [T, B, O]: every step's output",
+    "y = model.eval()(x).detach()  # [T, B, O]: every step's output",
     'numpy.savez("recorded.npz", inputs=x.numpy(), outputs=y.numpy())',
 )
 KERAS_RECIPE = (
@@ -64,7 +64,7 @@ RECIPES = "\n".join(
         "  Keras:",
         *(f"    {line}" for line in KERAS_RECIPE),
         "  A model that gives only the last step's output [B, O]: build y [T, B, O] by prefixes,",
-        "    with torch.no_grad(): y = torch.stack([model(x[: t + 1]) for t in range(50)])",
+        "    y = torch.stack([model(x[: t + 1]) for t in range(50)]).detach()",
         "    y = numpy.stack([model.predict(x[:, : t + 1], verbose=0) for t in range(50)])",
         "  and save outputs=y as it is. docs/EXPORT.md has more (batch_first, final states).",
     ]

@@ -252,7 +252,7 @@ def assert_read_as_protobuf(wire: object, request: pb.StepRequest, size: int) ->
             assert bad is None
             assert values.tobytes() == batch.values
         else:
-            with pytest.raises(MalformedBatch, match="^malformed batch: "):
+            with pytest.raises(MalformedBatch, match=r"^malformed batch: "):
                 wire.values(size)
         return
     events = request.events
