@@ -187,10 +187,14 @@ class Engine:
         ):
             self._run_direct()
         elif not self._woken:
-            self._woken = True
-            self._idle.clear()
-            self._wake.set()
+            self._kick()
         return job
+
+    def _kick(self) -> None:
+        """Wake the run loop: there is work for it."""
+        self._woken = True
+        self._idle.clear()
+        self._wake.set()
 
     def _run_direct(self) -> None:
         """Admit and run a small request on its caller's turn: the engine is idle.
@@ -216,9 +220,7 @@ class Engine:
                 self._fail_everything()
             lane.after_run()
         if self._inbox or self._next_lane() is not None:
-            self._woken = True
-            self._idle.clear()
-            self._wake.set()
+            self._kick()
 
     def _admit(self) -> None:
         jobs, self._inbox = self._inbox, []
