@@ -285,7 +285,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     started[STORED].kind = STORED
     # The same load through the scaled deployment's parts (docs/SCALING.md).
     base = Path(store_dir.name)
-    for kind, n, proxied in ((REDIS, 1, False), (PROXIED, 2, True)):
+    deployments = () if args.no_scale_out else ((REDIS, 1, False), (PROXIED, 2, True))
+    for kind, n, proxied in deployments:
         started[kind] = cluster.start_deployment(
             kind, base / kind, n, proxied, args.server_arg, server_cpus
         )
@@ -305,7 +306,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                     label = f"{kind} {name} #{rep + 1}"
                     run(kind, name, dataclasses.replace(shape, **timing), label, rep)
             shape = dataclasses.replace(SCENARIOS[STORE_SCENARIO], routed=True, **timing)
-            for kind in (STORED, REDIS, PROXIED):
+            for kind in (STORED, *(kind for kind, _, _ in deployments)):
                 run(kind, STORE_SCENARIO, shape, f"{kind} {STORE_SCENARIO} #{rep + 1}", rep)
             for name, shape in API_SCENARIOS.items():  # the two APIs, same load, same server
                 shape = dataclasses.replace(shape, **timing)
@@ -721,6 +722,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--repeat", type=int, default=3, help="repetitions of the target scenarios (median kept)"
+    )
+    parser.add_argument(
+        "--no-scale-out",
+        action="store_true",
+        help="with --suite: leave out the Redis-backed runs (one replica on Redis, two behind "
+        "HAProxy)",
     )
     parser.add_argument(
         "--server-arg",

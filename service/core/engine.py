@@ -75,6 +75,8 @@ class Engine:
         self.admissions: dict[str, Admission] = {}
         self._lanes: list[Lane] = []
         self._one_lane = False
+        self._direct = False
+        """Small requests may run on their caller's turn (``_run_direct``): no lane has a store."""
         self.generation = 0
         """Counts changes of the lanes (a version loaded, retired or dropped)."""
         self._inbox: list[Job] = []
@@ -116,6 +118,7 @@ class Engine:
         """A lane was added, retired or dropped: the run loop's list follows."""
         self._lanes = [lane for model in self.models.values() for lane in model.by_age]
         self._one_lane = len(self._lanes) == 1
+        self._direct = not any(lane.persistent for lane in self._lanes)
         self.generation += 1
 
     async def run_batch(
@@ -180,6 +183,7 @@ class Engine:
         self._inbox.append(job)
         if (
             self._parked
+            and self._direct  # no lane commits to a store (its commit is awaited)
             and not self._woken  # nothing else waits for the run loop
             and job.n <= self.inline_batch
             and self._last_size <= self.inline_batch  # a busy server's runs are large
@@ -210,7 +214,6 @@ class Engine:
         if (
             lane is not None
             and lane.pool.size <= self.inline_batch
-            and not lane.persistent  # a commit awaits the store
             and not lane.cache.lock.locked()
         ):
             try:
@@ -364,8 +367,10 @@ class Engine:
         """
         cache, table = lane.cache, lane.table
         try:
-            if plan.run_slots.size <= self.inline_batch:
-                # A small run costs less than the hop to the worker thread and back.
+            if plan.run_slots.size <= self.inline_batch and not cache.persistent:
+                # A small run costs less than the hop to the worker thread and back. With a
+                # store every run stays in the thread, as before: its commit is what a run
+                # waits for there (not measured otherwise).
                 output, states = self._infer(lane, plan)
             else:
                 self._check_store(lane)
