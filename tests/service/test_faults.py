@@ -216,10 +216,10 @@ def test_garbage_on_the_port_harms_nothing(target: procs.Target) -> None:
         with socket.create_connection(("127.0.0.1", target.port), timeout=5) as sock:
             try:  # the server may hang up before it has read it all: that is fine
                 sock.sendall(payload)
-                sock.shutdown(socket.SHUT_WR)
+                sock.shutdown(socket.SHUT_WR)  # ENOTCONN when it already has
                 while sock.recv(65536):
                     pass
-            except (ConnectionResetError, BrokenPipeError, TimeoutError):
+            except OSError:  # reset, broken pipe, not connected, timed out
                 pass
     with grpc.insecure_channel(f"127.0.0.1:{target.port}") as channel:
         raw = channel.unary_unary(STEP, request_serializer=None, response_deserializer=None)
