@@ -23,13 +23,11 @@ lands in one JSON file (``docs/perf/gpu.json`` from ``tools/gpu_check.sh``).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.metadata
 import json
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -181,32 +179,6 @@ def _pool_run_us(
     return _median_us(lambda: state.run(event, slots), seconds)
 
 
-def _die_with_parent() -> None:
-    """``preexec_fn``: the server is killed when this tool dies, however it dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-
-
-def _start_server(extra: list[str], cpus: set[int] | None) -> Any:
-    """``procs.start("server", ...)``, the server also dying with this process (Linux)."""
-    from lstm_bench import procs
-
-    command = [*procs.server_command(), *extra]
-    linux = sys.platform.startswith("linux")
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent if linux else None
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "gRPC on" not in line:
-        proc.kill()
-        raise RuntimeError(f"lstm-serve did not start: {line!r}")
-    if cpus:
-        for tid in os.listdir(f"/proc/{proc.pid}/task"):  # threads started before the pin
-            os.sched_setaffinity(int(tid), cpus)
-    port, metrics = procs.parse_ports(line)
-    return procs.Target("server", proc, port, metrics)
-
-
 def load_rows(
     devices: Sequence[str],
     hidden: Sequence[int],
@@ -216,6 +188,7 @@ def load_rows(
 ) -> list[dict[str, Any]]:
     """The load generator's columnar run (as ``make bench``: the server pinned to one core)
     against lstm-serve with each model on each device: events/s, p50, p99, mean batch."""
+    from lstm_bench import procs
     from lstm_bench.cli import cpu_split, measure
     from lstm_bench.load import Shape
 
@@ -229,7 +202,7 @@ def load_rows(
                 model.write_bytes(step_model(h, n))
                 for device in devices:
                     extra = ["--model", str(model), "--device", device, "--log-level", "WARNING"]
-                    target = _start_server(extra, server_cpus)
+                    target = procs.start("server", server_cpus, extra)
                     try:
                         run = measure(
                             target, shape, f"{device} H={h} L={n}", client_procs, client_cpus
