@@ -12,8 +12,7 @@ import grpc
 
 from lstm_stream.v1 import lstm_stream_pb2 as pb
 from lstm_stream.v1 import lstm_stream_pb2_grpc as pb_grpc
-
-EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # not in grpc-stubs
+from service.api.streams import Streams
 
 
 class EchoServicer(pb_grpc.LstmStreamServicer):
@@ -56,33 +55,34 @@ class EchoServicer(pb_grpc.LstmStreamServicer):
             yield self._answer(request)
 
 
+class _Echoed:
+    """An echo's request as lstm-serve's stream sees one: a job whose future resolves on
+    the loop's next turn (as a run's answer would), and the response waiting for it."""
+
+    __slots__ = ("future", "job", "response")
+
+    def __init__(self, future: asyncio.Future[None], response: pb.StepResponse):
+        self.future = future
+        self.job = self
+        self.response = response
+
+
 class PipelinedEchoServicer(EchoServicer):
-    """The echo with lstm-serve's stream structure: a reader task reading ahead, a writer
-    awaiting one future per request in order. It bounds what that structure costs."""
+    """The echo served by lstm-serve's own stream structure (``service.api.streams``): a
+    reader task reading ahead, a writer answering in order. It bounds what that costs."""
+
+    def __init__(self, event_size: int, output_size: int):
+        super().__init__(event_size, output_size)
+        self.streams = Streams(64)
+
+    def _begin(self, request: pb.StepRequest) -> _Echoed:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        loop.call_soon(future.set_result, None)
+        return _Echoed(future, self._answer(request))
 
     async def StreamSteps(self, requests: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[asyncio.Future[pb.StepResponse] | None] = asyncio.Queue()
-        window = asyncio.Semaphore(64)
-
-        async def read() -> None:
-            while True:
-                await window.acquire()
-                request = await context.read()
-                if request is EOF:
-                    queue.put_nowait(None)
-                    return
-                future = loop.create_future()
-                loop.call_soon(future.set_result, self._answer(request))
-                queue.put_nowait(future)
-
-        reader = loop.create_task(read())
-        try:
-            while (future := await queue.get()) is not None:
-                await context.write(await future)
-                window.release()
-        finally:
-            reader.cancel()
+        await self.streams.serve(context, self._begin, _response, _no_refusal)
 
     async def GetModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
@@ -141,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         asyncio.run(coro)
     return 0
+
+
+def _response(item: _Echoed) -> pb.StepResponse:
+    return item.response
+
+
+def _no_refusal(exc: Exception) -> None:
+    """Nothing is refused in-stream: an error ends the stream."""
+    return None
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import types
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -11,15 +12,23 @@ import grpc
 from prometheus_client import Gauge
 
 from service.api.errors import ClientGone
-from service.dataplane import EngineClosed, Job
+from service.dataplane import EngineClosed
 
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # not in grpc-stubs
+
+
+class Answerable(Protocol):
+    """What a request's answer waits on (``Job`` for the data plane)."""
+
+    @property
+    def future(self) -> asyncio.Future[None]: ...
 
 
 class Pending(Protocol):
     """A request whose events are with the data plane."""
 
-    job: Job
+    @property
+    def job(self) -> Answerable: ...
 
 
 P = TypeVar("P", bound=Pending)
@@ -55,13 +64,61 @@ class _Barrier(_Control):
         self.done = asyncio.Event()
 
 
-class _Writer:
-    """Whether a stream's writer is answering a request (else it waits for the next one)."""
+class _Stream:
+    """One stream's requests in order, and which of its two tasks waits for what.
 
-    __slots__ = ("busy",)
+    The writer waits on a future of its own only when it has nothing to write:
+    nothing is queued, or the oldest request is not answered yet. In the second
+    case, or when the reader queues a request into an empty queue, the request's
+    own future wakes the writer once it is answered: one wake-up per request, not
+    one to learn of the request and another for its answer. The reader waits only
+    when ``window`` requests are unanswered.
+    """
 
-    def __init__(self) -> None:
-        self.busy = False
+    __slots__ = ("loop", "queue", "reader", "room", "writer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, window: int):
+        self.loop = loop
+        self.queue: deque[Any] = deque()
+        self.room = window
+        """Requests the reader may still begin before one is answered."""
+        self.writer: asyncio.Future[None] | None = None
+        """Set while the writer waits (nothing to write yet)."""
+        self.reader: asyncio.Future[None] | None = None
+        """Set while the reader waits for room in the window."""
+
+    def put(self, item: Any) -> None:
+        """Queue an item behind the others; wake the writer when it waits for this one."""
+        queue = self.queue
+        queue.append(item)
+        if self.writer is not None and len(queue) == 1:
+            if not isinstance(item, _Control):
+                future = item.job.future
+                if not future.done():
+                    future.add_done_callback(self.wake)  # wake it once answered
+                    return
+            self.wake()
+
+    def wake(self, _: object = None) -> None:
+        """Let the writer look at the queue again."""
+        writer = self.writer
+        if writer is not None:
+            self.writer = None
+            if not writer.done():
+                writer.set_result(None)
+
+    def writer_waits(self) -> asyncio.Future[None]:
+        self.writer = writer = self.loop.create_future()
+        return writer
+
+    def answered(self) -> None:
+        """A request's answer is written: one more may be read."""
+        self.room += 1
+        reader = self.reader
+        if reader is not None:
+            self.reader = None
+            if not reader.done():
+                reader.set_result(None)
 
 
 class Streams:
@@ -69,8 +126,8 @@ class Streams:
 
     Each stream has a reader task, which reads at most ``window`` requests ahead
     (past that the client feels flow control) and begins each one, and a writer
-    (the handler itself), which awaits each request's job in request order and
-    writes its response. A request answered as it began (the engine was idle)
+    (the handler itself), which writes each request's response in request order
+    once its job is done. A request answered as it began (the engine was idle)
     while the writer has nothing to write is written by the reader itself: one
     task switch less for a lone request, and order is kept.
     """
@@ -79,7 +136,7 @@ class Streams:
         self.window = window
         self.draining = False
         self._gauge = gauge
-        self._queues: set[asyncio.Queue[Any]] = set()
+        self._streams: set[_Stream] = set()
 
     def start_drain(self) -> None:
         """Every stream ends, with UNAVAILABLE, once the requests it has read are answered.
@@ -89,8 +146,8 @@ class Streams:
         seen to end streams with INTERNAL "Internal error from Core").
         """
         self.draining = True
-        for queue in list(self._queues):
-            queue.put_nowait(_DRAIN)
+        for stream in list(self._streams):
+            stream.put(_DRAIN)
 
     async def serve(
         self,
@@ -111,36 +168,36 @@ class Streams:
         """
         if self.draining:
             raise EngineClosed("the server is draining")
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        window = asyncio.Semaphore(self.window)
-        writer = _Writer()
-        reader = asyncio.get_running_loop().create_task(
-            self._read(context, queue, window, begin, respond, refuse, barrier, writer)
-        )
-        self._queues.add(queue)
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, self.window)
+        reader = loop.create_task(self._read(context, stream, begin, respond, refuse, barrier))
+        self._streams.add(stream)
         if self._gauge is not None:
             self._gauge.inc()
+        queue = stream.queue
         try:
             while True:
-                writer.busy = False
-                item = await queue.get()
-                writer.busy = True
+                if not queue:
+                    await stream.writer_waits()
+                    continue
+                item = queue[0]
                 if not isinstance(item, _Control):  # inline: once per request
-                    try:
-                        await item.job.future
-                        response = respond(item)
-                        if isinstance(response, types.CoroutineType):
-                            response = await response
-                    except Exception as exc:
-                        response = refuse(exc)
-                        if response is None:
-                            raise
-                    await _send(context, response)
-                elif item is _END:
+                    future = item.job.future
+                    if not future.done():
+                        waiting = stream.writer_waits()
+                        future.add_done_callback(stream.wake)
+                        await waiting
+                        continue
+                    queue.popleft()
+                    await _send(context, await _answer(item, respond, refuse))
+                    stream.answered()
+                    continue
+                queue.popleft()
+                if item is _END:
                     return
-                elif item is _DRAIN:
+                if item is _DRAIN:
                     raise EngineClosed("the server is draining")
-                elif isinstance(item, _Ready):
+                if isinstance(item, _Ready):
                     await _send(context, item.response)
                 elif isinstance(item, _Barrier):
                     try:
@@ -151,31 +208,34 @@ class Streams:
                 else:
                     assert isinstance(item, _Failed)
                     raise item.error
-                window.release()
+                stream.answered()
         finally:
             reader.cancel()
-            self._queues.discard(queue)
+            self._streams.discard(stream)
             if self._gauge is not None:
                 self._gauge.dec()
 
     @staticmethod
     async def _read(
         context: grpc.aio.ServicerContext,
-        queue: asyncio.Queue[Any],
-        window: asyncio.Semaphore,
+        stream: _Stream,
         begin: Callable[[Any], Any],
         respond: Callable[[Any], Any],
         refuse: Callable[[Exception], Any | None],
         barrier: Callable[[Any], bool] | None,
-        writer: _Writer,
     ) -> None:
+        queue = stream.queue
         try:
             while True:
-                await window.acquire()
+                if not stream.room:
+                    stream.reader = stream.loop.create_future()
+                    await stream.reader
+                    continue
                 request = await context.read()
                 if request is EOF:
-                    queue.put_nowait(_END)
+                    stream.put(_END)
                     return
+                stream.room -= 1
                 try:
                     item = begin(request)
                     if isinstance(item, types.CoroutineType):
@@ -184,26 +244,27 @@ class Streams:
                     response = refuse(exc)
                     if response is None:
                         raise
-                    queue.put_nowait(_Ready(response))
+                    stream.put(_Ready(response))
                     continue
                 if barrier is not None and barrier(item):
                     held = _Barrier(item)
-                    queue.put_nowait(held)
+                    stream.put(held)
                     await held.done.wait()
-                elif not writer.busy and item.job.future.done() and queue.empty():
+                elif stream.writer is not None and not queue and item.job.future.done():
                     # Answered already (the engine was idle) and nothing is ahead of it:
                     # written here, as an echo would, without a switch to the writer.
                     await _send(context, await _answer(item, respond, refuse))
-                    window.release()
+                    stream.answered()
                 else:
-                    queue.put_nowait(item)
+                    stream.put(item)
         except Exception as exc:
-            queue.put_nowait(_Failed(exc))
+            stream.put(_Failed(exc))
 
 
 async def _answer(item: Pending, respond: Callable[[Any], Any], refuse: Callable[..., Any]) -> Any:
+    """The response to a request once its job is done, or its refusal."""
     try:
-        await item.job.future
+        await item.job.future  # done already, except behind a barrier
         response = respond(item)
         if isinstance(response, types.CoroutineType):
             response = await response

@@ -325,24 +325,36 @@ async def test_abandoned_streams_leave_nothing_behind(target: procs.Target, tmp_
     assert target.proc is not None
     base_tasks = sample(target, "lstm_event_loop_tasks")
     base_fds = sample(target, "process_open_fds")
+
+    async def abandon() -> int:
+        """1,000 streams opened and dropped; the server's RSS once they are gone."""
+        client = subprocess.Popen(
+            [sys.executable, "-c", ABANDON, target.address], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert client.stdout is not None
+            assert client.stdout.readline().strip() == "open"
+            assert await wait_for(lambda: sample(target, "lstm_active_streams") == 1000)
+            assert sample(target, "lstm_event_loop_tasks") >= base_tasks + 1000
+            assert sample(target, "process_open_fds") > base_fds
+        finally:
+            client.kill()  # no goodbye: the connections just drop
+            client.wait()
+        assert await wait_for(lambda: sample(target, "lstm_active_streams") == 0)
+        assert await wait_for(lambda: sample(target, "lstm_event_loop_tasks") <= base_tasks)
+        assert await wait_for(lambda: sample(target, "process_open_fds") <= base_fds)
+        return target.rss_bytes()
+
+    # Memory: the first round sets the allocator's and gRPC's high-water mark (33-36 MiB
+    # here, pages an allocator keeps); what 1,000 streams held is then reused, not kept,
+    # so a second round adds next to nothing.
     base_rss = target.rss_bytes()
-    client = subprocess.Popen(
-        [sys.executable, "-c", ABANDON, target.address], stdout=subprocess.PIPE, text=True
+    first = await abandon()
+    second = await abandon()
+    print(
+        f"1,000 abandoned streams: server RSS {(first - base_rss) / 2**20:+.1f} MiB, "
+        f"then {(second - first) / 2**20:+.1f} MiB for 1,000 more"
     )
-    try:
-        assert client.stdout is not None
-        assert client.stdout.readline().strip() == "open"
-        assert await wait_for(lambda: sample(target, "lstm_active_streams") == 1000)
-        assert sample(target, "lstm_event_loop_tasks") >= base_tasks + 1000
-        assert sample(target, "process_open_fds") > base_fds
-    finally:
-        client.kill()  # no goodbye: the connections just drop
-        client.wait()
-    assert await wait_for(lambda: sample(target, "lstm_active_streams") == 0)
-    assert await wait_for(lambda: sample(target, "lstm_event_loop_tasks") <= base_tasks)
-    assert await wait_for(lambda: sample(target, "process_open_fds") <= base_fds)
-    # Memory: what 1,000 streams held is reused, not kept; the allocator may keep some pages.
-    grew = target.rss_bytes() - base_rss
-    print(f"1,000 abandoned streams: server RSS {grew / 2**20:+.1f} MiB after they are gone")
-    assert grew <= 32 << 20, grew
+    assert first - base_rss <= 64 << 20, first - base_rss
+    assert second - first <= 16 << 20, second - first
     assert healthy(target.port)
