@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,24 +10,20 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
+from lstm_bench import procs
 from tests.conftest import DEVICE
 from tests.model_export.frameworks import SPECS
 
 PHASES = ("gather", "upload", "compute", "download", "scatter")
 
 
-def die_with_parent() -> None:
-    """``preexec_fn``: the tool (and so the server it starts) dies with the test process."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-
-
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lstm_bench.gpu", *args],
+        # The tool (and so the servers it starts) dies with the test process.
+        procs.dying([sys.executable, "-m", "lstm_bench.gpu", *args]),
         capture_output=True,
         text=True,
         timeout=100,
-        preexec_fn=die_with_parent,
     )
 
 

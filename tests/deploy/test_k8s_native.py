@@ -12,7 +12,6 @@ replica, its ``resolvers`` section dropped (lstm_bench.cluster.Proxy does that).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import shutil
 import signal
@@ -49,12 +48,6 @@ from tests.service.client import Ev, answers, request
 from tests.service.reference import events
 
 BIN = Path(sys.executable).parent
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """In the child: SIGKILL when the test process dies, however it dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class Pod:
@@ -77,18 +70,16 @@ class Pod:
         env["LSTM_STATE_STORE"] = store[1]
         env.update(LSTM_HOST="127.0.0.1", LSTM_METRICS_HOST="127.0.0.1")
         env.update(LSTM_PORT="0", LSTM_METRICS_PORT="0", LSTM_LOG_LEVEL="WARNING")
+        # It dies with the test process (a death signal set by an exec wrapper in the child:
+        # a preexec_fn would fork this process, which runs gRPC clients).
+        argv = [*(wrapper or []), str(BIN / command[0]), *command[1:]]
+        argv[0] = shutil.which(argv[0]) or argv[0]
         self.proc = subprocess.Popen(
-            [
-                *(wrapper or []),
-                str(BIN / command[0]),
-                *command[1:],
-                *self.container.get("args", []),
-            ],
+            procs.dying([*argv, *self.container.get("args", [])]),
             env={**os.environ, **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE if wrapper else None,
             text=True,
-            preexec_fn=die_with_parent,
         )
         assert self.proc.stdout is not None
         port, metrics_port = procs.parse_ports(self.proc.stdout.readline())
