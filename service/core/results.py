@@ -110,9 +110,12 @@ class Intakes:
         n = intakes.size
         if not n:
             return
-        # Events are in pool order, so each intake's events are contiguous.
-        if intakes[0] == intakes[-1]:
-            spans: Sequence[tuple[int, int]] = [(0, n)]
+        # One span per stretch of one intake's events, not one per intake: events that
+        # waited (parked while their sessions were read from the store, requeued after a
+        # conflict) join the pool behind later intakes', so an intake's events can come
+        # back after another's, and the same intake at both ends says nothing of the middle.
+        if n == 1:
+            spans: Sequence[tuple[int, int]] = [(0, 1)]
         else:
             cuts = (np.flatnonzero(intakes[1:] != intakes[:-1]) + 1).tolist()
             spans = list(zip([0, *cuts], [*cuts, n]))

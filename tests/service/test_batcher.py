@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from service.runtime import Runtime, load_model_bytes
 from service.state.cache import StoreAccess
 from service.state.table import Limits, SessionSnapshot
 from service.store import NullStore
-from service.store.base import StateStore
+from service.store.base import StateStore, StoredRows
 from service.store.sqlite import SqliteStore
 from tests.service.models import failing_model
 from tests.service.reference import Reference, events
@@ -185,6 +187,57 @@ async def test_with_a_store_an_idle_engine_still_commits_before_answering(
     assert job.steps.tolist() == [1]
     (stored,) = store.load("m", ["a"])  # what the store holds once the answer is out
     assert stored.step.tolist() == [1] and stored.last_seq.tolist() == [5]
+    await batcher.stop()
+    await batcher.engine.store.stop()
+
+
+async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``check()`` is true (store reads end in the store's thread)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_run_that_holds_an_intake_between_another_s_events_answers_both(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """Events parked while their sessions are read join the pool behind later requests'
+    events, so one run can hold B's events, then A's, then B's again. Each request gets
+    its own answers: the run once credited A's to B, and neither request (nor the streams
+    behind them) was ever answered."""
+    reads = threading.Event()
+
+    class SlowStore(SqliteStore):
+        def load(self, model: str, session_ids: Sequence[str]) -> list[StoredRows]:
+            reads.wait(10)  # one reader thread, reads in order: they end when the test says
+            return super().load(model, session_ids)
+
+    store = SlowStore(str(tmp_path / "state.db"))
+    store.open(False, "m")
+    batcher = await make(runtime, store=store)
+    batcher.start()
+    parking = batcher.engine.admissions["m"].parking
+    pool = batcher.lane.pool
+    ref = Reference()
+    xs = events(np.random.default_rng(11), 4)
+    reads.set()
+    await batcher.submit(block(["w"], xs[:1])).future  # type: ignore[misc]
+    ref.step("w", xs[0])
+    reads.clear()
+    async with batcher.lane.cache.lock:  # as a session call does: no run until it is done
+        first = batcher.submit(block(["a"], xs[1:2]))  # "a" is read from the store
+        await until(lambda: parking.waiting == 1)
+        second = batcher.submit(block(["w", "b"], xs[2:]))  # "w" is pending, "b" is read
+        await until(lambda: parking.waiting == 2 and pool.size == 1)
+        reads.set()
+        await until(lambda: pool.size == 3)  # w (second), a (first), b (second)
+    await asyncio.wait_for(asyncio.gather(first.future, second.future), 10)  # type: ignore[arg-type]
+    assert first.steps.tolist() == [1] and second.steps.tolist() == [2, 1]
+    np.testing.assert_allclose(first.outputs[0], ref.step("a", xs[1]), atol=1e-5)
+    np.testing.assert_allclose(second.outputs[0], ref.step("w", xs[2]), atol=1e-5)
+    np.testing.assert_allclose(second.outputs[1], ref.step("b", xs[3]), atol=1e-5)
+    assert runs(batcher) == [2, 4]  # "w" alone, then the three events in one run
     await batcher.stop()
     await batcher.engine.store.stop()
 
