@@ -9,7 +9,7 @@ from itertools import accumulate
 import numpy as np
 
 from service.core.pool import Events
-from service.core.scan import job_counts, result_columns
+from service.core.scan import job_counts, result_columns, stretches
 from service.core.types import Code, Failure, Job
 
 
@@ -107,21 +107,12 @@ class Intakes:
         duplicate gets it instead.
         """
         intakes, rows, jobs = events["intake"], events["row"], events["job"]
-        n = intakes.size
-        if not n:
-            return
         # One span per stretch of one intake's events, not one per intake: events that
         # waited (parked while their sessions were read from the store, requeued after a
         # conflict) join the pool behind later intakes', so an intake's events can come
         # back after another's, and the same intake at both ends says nothing of the middle.
-        if n == 1:
-            spans: Sequence[tuple[int, int]] = [(0, 1)]
-        else:
-            cuts = (np.flatnonzero(intakes[1:] != intakes[:-1]) + 1).tolist()
-            spans = list(zip([0, *cuts], [*cuts, n]))
         all_states: list[np.ndarray] | None = None
-        for lo, hi in spans:
-            key = int(intakes[lo])
+        for key, lo, hi in stretches(intakes):
             intake = self._open[key]
             r = rows[lo:hi]
             intake.steps[r] = steps[lo:hi]

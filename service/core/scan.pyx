@@ -187,3 +187,20 @@ def job_counts(const int64_t[::1] jobs):
         return [(j, counts[j]) for j in range(top + 1) if counts[j]]
     finally:
         free(counts)
+
+
+def stretches(const int64_t[:] keys):
+    """``[(key, start, end), ...]``: each stretch of equal neighbouring keys, in order.
+
+    A key may come back after another's (a run's intakes: events that waited join
+    the pool behind later ones), and each of its stretches is listed.
+    """
+    cdef Py_ssize_t n = keys.shape[0], i, start = 0
+    cdef list out = []
+    for i in range(1, n):
+        if keys[i] != keys[start]:
+            out.append((keys[start], start, i))
+            start = i
+    if n:
+        out.append((keys[start], start, n))
+    return out

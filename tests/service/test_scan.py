@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from bisect import bisect_left
+from itertools import groupby
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.core.scan import first_per_row, job_counts, scan
+from service.core.scan import first_per_row, job_counts, scan, stretches
 from service.core.types import EventBlock, Job
 from service.counts import add_at, add_to_buckets, any_nonzero
 
@@ -19,6 +20,18 @@ def test_job_counts_count_each_job(jobs: list[int]) -> None:
     got = job_counts(np.array(jobs, np.int64))
     done, counts = np.unique(np.array(jobs, np.int64), return_counts=True)
     assert got == list(zip(done.tolist(), counts.tolist()))
+
+
+@given(st.lists(st.integers(0, 3), max_size=40))
+def test_stretches_list_every_stretch_of_a_key_even_when_it_comes_back(keys: list[int]) -> None:
+    got = stretches(np.array(keys, np.int64))
+    expected, start = [], 0
+    for key, group in groupby(keys):
+        end = start + len(list(group))
+        expected.append((key, start, end))
+        start = end
+    assert got == expected
+    assert stretches(np.array([7, 5, 7], np.int64)) == [(7, 0, 1), (5, 1, 2), (7, 2, 3)]
 
 
 @given(st.lists(st.integers(0, 15), max_size=40), st.integers(1, 50))
