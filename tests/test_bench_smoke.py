@@ -64,9 +64,12 @@ def test_bench_suite_smoke(tmp_path: Path) -> None:
     oip = next(r for r in results["runs"] if r["scenario"] == "oip-1x16")
     assert oip["events_per_s"] > 0 and oip["errors"] == 0
     assert not {"server-redis", "2-replicas-proxy"} & {r["target"] for r in results["runs"]}
-    assert len(results["targets"]) == 9  # the two scale-out rows are not measured
+    assert len(results["targets"]) == 10  # the two scale-out rows are not measured
     assert any("sqlite" in t["target"] for t in results["targets"])
-    assert "| target | goal | measured | holds |" in (tmp_path / "table.md").read_text()
+    assert (
+        "| target | goal | measured (each repetition) | holds |"
+        in (tmp_path / "table.md").read_text()
+    )
     for png in ("throughput_vs_streams.png", "latency_open_loop.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -80,6 +83,22 @@ def test_inproc_cost_tool_runs() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "us CPU per request (ONNX Runtime" in result.stdout
+
+
+def test_stream_cost_tool_answers_every_request_in_order() -> None:
+    """The stream machinery's own cost (lstm_bench.streams): every request of every stream is
+    answered, through the server's Streams class, in its window."""
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "lstm_bench.streams", "--streams", "8", "--window", "3"),
+            *("--requests", "50", "--repeat", "1"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "8 streams, window 3:" in result.stdout and "us CPU per request" in result.stdout
 
 
 def no_nan(name: str) -> None:
