@@ -22,6 +22,7 @@ MODULES = [
     "service/api/codec.pyx",  # StepRequest bytes in, StepResponse bytes out
     "service/core/scan.pyx",  # admission's pass over the events, a run's pick
     "service/counts.pyx",  # pending counts per row, histogram buckets
+    "service/state/rows.pyx",  # a table's rows taken and written by slot
 ]
 
 setup(

@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMPILED = ("service.api.codec", "service.core.scan", "service.counts")
+COMPILED = ("service.api.codec", "service.core.scan", "service.counts", "service.state.rows")
 
 
 def missing() -> list[str]:

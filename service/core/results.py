@@ -11,6 +11,7 @@ import numpy as np
 from service.core.pool import Events
 from service.core.scan import job_counts, result_columns, stretches
 from service.core.types import Code, Failure, Job
+from service.state.rows import put_rows
 
 
 class Intake:
@@ -117,7 +118,7 @@ class Intakes:
             r = rows[lo:hi]
             intake.steps[r] = steps[lo:hi]
             if outputs is not None:
-                intake.outputs[r] = outputs[lo:hi]
+                put_rows(intake.outputs, r, outputs[lo:hi])
                 intake.versions[r] = version
             intake.duplicates[r] = duplicate[lo:hi]
             if (

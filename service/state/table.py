@@ -17,6 +17,7 @@ import numpy as np
 from service.counts import add_at
 from service.state.kept import KeptEvents
 from service.state.keys import tenant_of
+from service.state.rows import put_rows, take_rows
 from service.store.base import StoredRows, StoreLayout
 
 
@@ -293,7 +294,7 @@ class SessionTable:
 
     def gather(self, slots: np.ndarray) -> list[np.ndarray]:
         """Copies of the rows' states (ONNX Runtime's inputs; the table may grow meanwhile)."""
-        return [t[slots] for t in self.states]
+        return [take_rows(t, slots) for t in self.states]
 
     def scatter(
         self,
@@ -306,9 +307,9 @@ class SessionTable:
     ) -> None:
         """Write a run's new rows (distinct slots)."""
         for t, s in zip(self.states, states):
-            t[slots] = s
+            put_rows(t, slots, s)
         if self.output_alias is None:
-            self.output[slots] = output
+            put_rows(self.output, slots, output)
         self.step[slots] = step
         self.last_seq[slots] = last_seq
         self.updated[slots] = now
@@ -321,7 +322,7 @@ class SessionTable:
 
     def outputs(self, slots: np.ndarray) -> np.ndarray:
         """Each row's last output (a copy)."""
-        return self.output[slots]
+        return take_rows(self.output, slots)
 
     def version_tags(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """What each row was copied from in a shared store: its ``step`` and ``updated``."""
@@ -369,7 +370,7 @@ class SessionTable:
 
     def finish(self, slots: np.ndarray) -> None:
         """Mark one pending event done for each of ``slots`` (distinct rows)."""
-        self.pending[slots] -= 1
+        add_at(self.pending, slots, -1)
         if not self._n_doomed:
             return
         doomed = slots[self.doomed[slots] & (self.pending[slots] == 0)]

@@ -1,0 +1,6 @@
+"""The typed face of a table's compiled gathers and scatters (`rows.pyx`)."""
+
+import numpy as np
+
+def take_rows(table: np.ndarray, slots: np.ndarray) -> np.ndarray: ...
+def put_rows(table: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None: ...
