@@ -151,6 +151,24 @@ def test_exported_file_runs_like_the_reference(tmp_path: Path) -> None:
     np.testing.assert_allclose(c, ref_c, atol=1e-5)
 
 
+def test_on_the_cpu_the_binding_is_called_directly_with_the_public_calls_results() -> None:
+    """Runtime skips InferenceSession.run's per-call checks on the CPU provider (its binding,
+    ``_sess``); the results are the public call's, bit for bit, and a bad feed still fails."""
+    runtime = Runtime(*load_model_bytes(None), "cpu")
+    assert runtime._run.__self__ is runtime._session._sess  # type: ignore[attr-defined]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 32)).astype(np.float32)
+    h, c = (rng.standard_normal((4, 64)).astype(np.float32) for _ in range(2))
+    output, states = runtime.run(x, [h, c])
+    public = runtime._session.run(
+        ["output", "hidden_out", "cell_out"], {"event": x, "hidden": h, "cell": c}
+    )
+    for got, expected in zip([output, *states], public):
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(Exception, match=r"(?i)type"):
+        runtime.run(x.astype(np.float64), [h, c])
+
+
 def test_embedded_default() -> None:
     data, source = load_model_bytes(None)
     assert source == EMBEDDED_SOURCE
