@@ -101,6 +101,20 @@ def test_stream_cost_tool_answers_every_request_in_order() -> None:
     assert "8 streams, window 3:" in result.stdout and "us CPU per request" in result.stdout
 
 
+def test_phase_timer_times_each_step_of_the_direct_path() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lstm_bench.phases", "--requests", "50", "--gap-us", "100"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(line.rsplit(None, 1) for line in result.stdout.splitlines() if " us" not in line)
+    assert int(lines["direct-path requests"]) > 0  # the lone requests took the direct path
+    for step in ("admit", "plan", "run", "apply", "answer", "release", "count", "response"):
+        assert any(line.startswith(step + " ") for line in result.stdout.splitlines()), step
+
+
 def no_nan(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
