@@ -75,7 +75,7 @@ class _Stream:
     when ``window`` requests are unanswered.
     """
 
-    __slots__ = ("loop", "queue", "reader", "room", "writer")
+    __slots__ = ("loop", "queue", "reader", "room", "writer", "writing")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, window: int):
         self.loop = loop
@@ -86,12 +86,16 @@ class _Stream:
         """Set while the writer waits (nothing to write yet)."""
         self.reader: asyncio.Future[None] | None = None
         """Set while the reader waits for room in the window."""
+        self.writing = False
+        """The reader is writing an answer itself: the writer stays asleep until it is done
+        (ending the call meanwhile would race that write: gRPC refuses a status sent while
+        the first message's headers are still on their way)."""
 
     def put(self, item: Any) -> None:
         """Queue an item behind the others; wake the writer when it waits for this one."""
         queue = self.queue
         queue.append(item)
-        if self.writer is not None and len(queue) == 1:
+        if self.writer is not None and len(queue) == 1 and not self.writing:
             if not isinstance(item, _Control):
                 future = item.job.future
                 if not future.done():
@@ -141,9 +145,11 @@ class Streams:
     def start_drain(self) -> None:
         """Every stream ends, with UNAVAILABLE, once the requests it has read are answered.
 
-        The marker goes behind what each stream has queued; its reader is stopped
-        only after the status is sent (cancelling a pending read before that was
-        seen to end streams with INTERNAL "Internal error from Core").
+        The marker goes behind what each stream has queued, and the writer takes it
+        only once the reader has finished writing an answer of its own (the status
+        would race that write). The reader is cancelled as the writer ends the call;
+        its pending read is not cancelled before that (doing so was seen to end
+        streams with INTERNAL "Internal error from Core").
         """
         self.draining = True
         for stream in list(self._streams):
@@ -253,7 +259,13 @@ class Streams:
                 elif stream.writer is not None and not queue and item.job.future.done():
                     # Answered already (the engine was idle) and nothing is ahead of it:
                     # written here, as an echo would, without a switch to the writer.
-                    await _send(context, await _answer(item, respond, refuse))
+                    stream.writing = True
+                    try:
+                        await _send(context, await _answer(item, respond, refuse))
+                    finally:
+                        stream.writing = False
+                        if queue:  # a drain came meanwhile: the writer answers it now
+                            stream.wake()
                     stream.answered()
                 else:
                     stream.put(item)
