@@ -115,6 +115,22 @@ def test_phase_timer_times_each_step_of_the_direct_path() -> None:
         assert any(line.startswith(step + " ") for line in result.stdout.splitlines()), step
 
 
+def test_pairs_tool_rotates_the_echo_and_two_checkouts() -> None:
+    """lstm_bench.pairs against this very checkout as "before": one round of one shape."""
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "lstm_bench.pairs", "--before", "."),
+            *("--shapes", "ping-pong", "--rounds", "1", "--duration", "0.5"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert out.startswith("ping-pong") and "before/echo by round" in out and "after/echo" in out
+
+
 def no_nan(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
