@@ -13,6 +13,7 @@ import asyncio
 import cProfile
 import pstats
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -49,15 +50,24 @@ def requests(form: str, streams: int, events: int, event_size: int) -> list[byte
     return [r.SerializeToString() for r in out]
 
 
-async def measure(
-    form: str,
-    streams: int,
-    events: int,
-    rounds: int,
-    inline_batch: int,
-    profiler: cProfile.Profile | None = None,
-    pause: float = 0.0,
-) -> None:
+@dataclass
+class InProcess:
+    """lstm-serve's parts without a network: the embedded default model, an in-memory
+    store, the engine running, the native servicer in front."""
+
+    metrics: Metrics
+    access: StoreAccess
+    engine: Engine
+    plane: DataPlane
+    servicer: LstmStreamServicer
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+        await self.access.stop()
+
+
+async def start(inline_batch: int) -> InProcess:
+    """The server's parts as lstm-serve puts them together (``--inline-batch``)."""
     metrics = Metrics(CollectorRegistry())
     access = StoreAccess(NullStore(), metrics)
     engine = Engine(metrics, access, 1024, 128, inline_batch)
@@ -74,9 +84,21 @@ async def measure(
     engine.start()
     plane = DataPlane(128, 10**6)
     plane.attach(engine, registry)
-    servicer = LstmStreamServicer(Settings(), metrics, plane)
-    spec = plane.spec()
-    batch = requests(form, streams, events, spec.event_size)
+    return InProcess(metrics, access, engine, plane, LstmStreamServicer(Settings(), metrics, plane))
+
+
+async def measure(
+    form: str,
+    streams: int,
+    events: int,
+    rounds: int,
+    inline_batch: int,
+    profiler: cProfile.Profile | None = None,
+    pause: float = 0.0,
+) -> None:
+    server = await start(inline_batch)
+    metrics, servicer = server.metrics, server.servicer
+    batch = requests(form, streams, events, server.plane.spec().event_size)
 
     read = READERS["StepRequest"]
 
@@ -108,8 +130,7 @@ async def measure(
         f"{cpu / n * 1e6:.1f} us CPU per request (ONNX Runtime {ort / n * 1e6:.1f}), "
         f"wall {(time.perf_counter() - wall0 - rounds * pause) / n * 1e6:.1f} us"
     )
-    await engine.stop()
-    await access.stop()
+    await server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

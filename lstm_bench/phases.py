@@ -17,44 +17,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
-from lstm_bench.inproc import requests
-from service.api.native import READERS, LstmStreamServicer
+from lstm_bench import inproc
+from service.api.native import READERS
 from service.core import plan as plan_module
-from service.core.engine import Engine
-from service.dataplane import DataPlane
-from service.metrics import Metrics
-from service.models import LoadSettings, Registry
-from service.repository import SingleModel
-from service.settings import Settings
-from service.state.cache import StoreAccess
-from service.state.table import Limits
-from service.store import NullStore
 
 STEPS = ("admit", "plan", "run", "counters", "apply", "answer", "release", "count")
 
 
 async def measure(n: int, gap: float) -> dict[str, float]:
     """Median µs per request of each step, and of reading, beginning and answering it."""
-    metrics = Metrics(CollectorRegistry())
-    access = StoreAccess(NullStore(), metrics)
-    engine = Engine(metrics, access, 1024, 128, 16)
-    registry = Registry(
-        engine,
-        access,
-        Limits(10**6),
-        metrics,
-        SingleModel("lstm", None),
-        LoadSettings("cpu", 1, 1024, 1024),
-        "lstm",
-    )
-    await registry.sync()
-    engine.start()
-    plane = DataPlane(128, 10**6)
-    plane.attach(engine, registry)
-    servicer = LstmStreamServicer(Settings(), metrics, plane)
-    request = requests("events", 1, 1, plane.spec().event_size)[0]
+    server = await inproc.start(16)
+    engine, plane, servicer = server.engine, server.plane, server.servicer
+    request = inproc.requests("events", 1, 1, plane.spec().event_size)[0]
     read = READERS["StepRequest"]
     times: dict[str, list[float]] = {}
 
@@ -108,8 +82,7 @@ async def measure(n: int, gap: float) -> dict[str, float]:
         plan_module.StepPlan.make, plan_module.StepPlan.counters, plan_module.StepPlan.apply = (  # type: ignore[method-assign,assignment]
             originals
         )
-        await engine.stop()
-        await access.stop()
+        await server.stop()
     figures = {name: statistics.median(v[-direct:]) * 1e6 for name, v in times.items() if v}
     figures["direct-path requests"] = direct
     return figures

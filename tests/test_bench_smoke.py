@@ -74,60 +74,44 @@ def test_bench_suite_smoke(tmp_path: Path) -> None:
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_inproc_cost_tool_runs() -> None:
+def tool(module: str, *args: str, timeout: float = 120) -> str:
+    """Run ``python -m lstm_bench.<module> ARGS``; its stdout, once it has exited 0."""
     result = subprocess.run(
-        [sys.executable, "-m", "lstm_bench.inproc", "--form", "events", "--rounds", "3"],
+        [sys.executable, "-m", f"lstm_bench.{module}", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "us CPU per request (ONNX Runtime" in result.stdout
+    return result.stdout
+
+
+def test_inproc_cost_tool_runs() -> None:
+    out = tool("inproc", "--form", "events", "--rounds", "3")
+    assert "us CPU per request (ONNX Runtime" in out
 
 
 def test_stream_cost_tool_answers_every_request_in_order() -> None:
     """The stream machinery's own cost (lstm_bench.streams): every request of every stream is
     answered, through the server's Streams class, in its window."""
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "lstm_bench.streams", "--streams", "8", "--window", "3"),
-            *("--requests", "50", "--repeat", "1"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "8 streams, window 3:" in result.stdout and "us CPU per request" in result.stdout
+    out = tool("streams", "--streams", "8", "--window", "3", "--requests", "50", "--repeat", "1")
+    assert "8 streams, window 3:" in out and "us CPU per request" in out
 
 
 def test_phase_timer_times_each_step_of_the_direct_path() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "lstm_bench.phases", "--requests", "50", "--gap-us", "100"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = dict(line.rsplit(None, 1) for line in result.stdout.splitlines() if " us" not in line)
+    out = tool("phases", "--requests", "50", "--gap-us", "100")
+    lines = dict(line.rsplit(None, 1) for line in out.splitlines() if " us" not in line)
     assert int(lines["direct-path requests"]) > 0  # the lone requests took the direct path
     for step in ("admit", "plan", "run", "apply", "answer", "release", "count", "response"):
-        assert any(line.startswith(step + " ") for line in result.stdout.splitlines()), step
+        assert any(line.startswith(step + " ") for line in out.splitlines()), step
 
 
 def test_pairs_tool_rotates_the_echo_and_two_checkouts() -> None:
     """lstm_bench.pairs against this very checkout as "before": one round of one shape."""
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "lstm_bench.pairs", "--before", "."),
-            *("--shapes", "ping-pong", "--rounds", "1", "--duration", "0.5"),
-        ],
-        capture_output=True,
-        text=True,
+    out = tool(
+        "pairs", "--before", ".", "--shapes", "ping-pong", "--rounds", "1", "--duration", "0.5",
         timeout=180,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = result.stdout
+    )  # fmt: skip
     assert out.startswith("ping-pong") and "before/echo by round" in out and "after/echo" in out
 
 
