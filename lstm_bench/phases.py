@@ -1,7 +1,8 @@
 """A lone event's path, each step timed in place: ``python -m lstm_bench.phases``.
 
-One one-event request after another on an idle engine (the direct path: admitted and
-run on the caller's turn), the core kept busy in between as a round trip's other
+One one-event request after another for one live session on an idle engine (applied
+at once on the caller's turn, from the request's own columns: scanned, planned, run,
+applied, answered), the core kept busy in between as a round trip's other
 work would; each step's wall time per request (median), measured by wrapping the
 step. ``timeit`` of a step alone flatters it: repeated in a loop, its code and data
 stay in the caches, while one request walks the interpreter, numpy and ONNX Runtime
@@ -19,9 +20,10 @@ from typing import Any
 
 from lstm_bench import inproc
 from service.api.native import READERS
+from service.core import engine as engine_module
 from service.core import plan as plan_module
 
-STEPS = ("admit", "plan", "run", "counters", "apply", "answer", "release", "count")
+STEPS = ("check", "plan", "run", "counters", "apply", "answer", "count")
 
 
 async def measure(n: int, gap: float) -> dict[str, float]:
@@ -43,18 +45,18 @@ async def measure(n: int, gap: float) -> dict[str, float]:
         return wrapper
 
     lane = engine.lanes[0]
-    make = plan_module.StepPlan.make.__func__  # type: ignore[attr-defined]
+    of_request = plan_module.StepPlan.of_request.__func__  # type: ignore[attr-defined]
     counters, apply = plan_module.StepPlan.counters, plan_module.StepPlan.apply
-    originals = (plan_module.StepPlan.make, counters, apply)
-    plan_module.StepPlan.make = classmethod(  # type: ignore[method-assign,assignment]
-        lambda cls, *a: timed("plan", lambda *b: make(cls, *b))(*a)
+    originals = (plan_module.StepPlan.of_request, counters, apply)
+    scan, answer = engine_module.scan, engine_module.answer_request
+    plan_module.StepPlan.of_request = classmethod(  # type: ignore[method-assign,assignment]
+        lambda cls, *a: timed("plan", lambda *b: of_request(cls, *b))(*a)
     )
     plan_module.StepPlan.counters = lambda self, *a: timed("counters", counters)(self, *a)  # type: ignore[method-assign]
     plan_module.StepPlan.apply = lambda self, *a: timed("apply", apply)(self, *a)  # type: ignore[method-assign]
-    engine._admit = timed("admit", engine._admit)  # type: ignore[method-assign]
+    engine_module.scan = timed("check", scan)
+    engine_module.answer_request = timed("answer", answer)
     lane.runtime.timed_run = timed("run", lane.runtime.timed_run)  # type: ignore[method-assign]
-    engine.intakes.answer = timed("answer", engine.intakes.answer)  # type: ignore[method-assign]
-    lane.table.finish = timed("release", lane.table.finish)  # type: ignore[method-assign]
     engine._count = timed("count", engine._count)  # type: ignore[method-assign]
     try:
         direct = 0
@@ -79,9 +81,9 @@ async def measure(n: int, gap: float) -> dict[str, float]:
                 times.setdefault("begin (all the steps above)", []).append(answered_at - begun_at)
                 times.setdefault("response", []).append(end - answered_at)
     finally:
-        plan_module.StepPlan.make, plan_module.StepPlan.counters, plan_module.StepPlan.apply = (  # type: ignore[method-assign,assignment]
-            originals
-        )
+        step_plan = plan_module.StepPlan
+        step_plan.of_request, step_plan.counters, step_plan.apply = originals  # type: ignore[method-assign,assignment]
+        engine_module.scan, engine_module.answer_request = scan, answer
         await server.stop()
     figures = {name: statistics.median(v[-direct:]) * 1e6 for name, v in times.items() if v}
     figures["direct-path requests"] = direct

@@ -26,7 +26,8 @@ from service.core.admission import Admission
 from service.core.lane import Lane
 from service.core.model import ServedModel
 from service.core.plan import StepPlan
-from service.core.results import Intakes
+from service.core.results import Intakes, answer_request
+from service.core.scan import scan
 from service.core.types import (
     INTERNAL_ERROR,
     MODEL_FAILED,
@@ -180,7 +181,6 @@ class Engine:
         if served is None or served.closed:
             raise UnknownModel(f"no model {model!r} is loaded")
         job = Job(block, include_state, Future(loop=self._loop), served.name, version)
-        self._inbox.append(job)
         if (
             self._parked
             and self._direct  # no lane commits to a store (its commit is awaited)
@@ -189,8 +189,12 @@ class Engine:
             and self._last_size <= self.inline_batch  # a busy server's runs are large
             and job.t0 - self._finished_at > self._run_seconds
         ):
-            self._run_direct()
-        elif not self._woken:
+            if not self._apply_at_once(served, job):
+                self._inbox.append(job)
+                self._run_direct()
+            return job
+        self._inbox.append(job)
+        if not self._woken:
             self._kick()
         return job
 
@@ -199,6 +203,48 @@ class Engine:
         self._woken = True
         self._idle.clear()
         self._wake.set()
+
+    def _apply_at_once(self, served: ServedModel, job: Job) -> bool:
+        """Apply a small request on its caller's turn, from its own columns: the engine is
+        idle (see ``_run_direct``). Whether it was; if not, nothing changed.
+
+        It is when the model has one version, nothing is moving between versions, and
+        every event is valid and for a distinct session already in memory, which asks
+        no state back (a lone event on a live session, the common case): no intake,
+        no pool, no plan of the pool. Anything else (a new session, a refusal, a
+        session twice, a request naming a version) is admitted as usual.
+        """
+        lanes = served.by_age
+        if len(lanes) != 1 or served.moving or job.include_state:
+            return False
+        lane = lanes[0]
+        if lane.pool.size or lane.cache.lock.locked():
+            return False
+        table = lane.table
+        try:
+            found = scan([job], table.index, lane.spec.event_size)
+            if found.unknown or found.bad or found.not_finite:
+                return False
+            if job.version and job.version != lane.version:
+                return False
+            slots = found.slots
+            if slots.size > 1 and np.unique(slots).size < slots.size:
+                return False
+            plan = StepPlan.of_request(found, table)
+            failure = self._apply_now(lane, plan)
+            answer_request(
+                job,
+                table.steps(slots),
+                table.outputs(slots),
+                plan.duplicate,
+                failure,
+                lane.version,
+            )
+            self._finished(lane, plan, failure)
+        except Exception:  # as in the run loop: answer rather than stop
+            log.exception("batcher run failed")
+            job.fail_whole(INTERNAL_ERROR)
+        return True
 
     def _run_direct(self) -> None:
         """Admit and run a small request on its caller's turn: the engine is idle.
@@ -327,22 +373,29 @@ class Engine:
         """``_step`` without awaiting: a small run on the loop, no store to commit to."""
         plan = StepPlan.make(lane.pool, lane.table, self.max_batch)
         self._running = (lane, plan.slots)
-        failure = None
-        if plan.run_slots.size:
-            try:
-                output, states = self._infer(lane, plan)
-            except _RunFailed as exc:
-                failure = exc.failure
-            else:
-                step, last_seq = plan.counters(lane.table)
-                plan.apply(lane.table, output, states, step, last_seq, time.time())
-        self._done(lane, plan, failure)
+        self._done(lane, plan, self._apply_now(lane, plan))
+
+    def _apply_now(self, lane: Lane, plan: StepPlan) -> Failure | None:
+        """Run a small plan on the loop and apply it (no store to commit to); how it failed."""
+        if not plan.run_slots.size:
+            return None
+        try:
+            output, states = self._infer(lane, plan)
+        except _RunFailed as exc:
+            return exc.failure
+        step, last_seq = plan.counters(lane.table)
+        plan.apply(lane.table, output, states, step, last_seq, time.time())
+        return None
 
     def _done(self, lane: Lane, plan: StepPlan, failure: Failure | None) -> None:
         """Answer a run's events and release their rows."""
         self._answer(lane, plan, failure)
         lane.table.finish(plan.slots)
         self._running = None
+        self._finished(lane, plan, failure)
+
+    def _finished(self, lane: Lane, plan: StepPlan, failure: Failure | None) -> None:
+        """A run is answered: its metrics, and what the next request's path is judged by."""
         self._count(lane, plan, failure)
         self._finished_at = time.perf_counter()
         self._run_seconds = self._finished_at - plan.started

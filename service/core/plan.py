@@ -1,7 +1,8 @@
 """A step plan: which pending events one run applies, and applying its result.
 
-``StepPlan.make`` takes the earliest pending event of each session, marks
-duplicates, gathers the rows' state and zeroes the rows of resets; ``apply``
+``StepPlan.make`` takes the earliest pending event of each session (``of_request``:
+one request's events, straight from admission's scan), marks duplicates, gathers
+the rows' state and zeroes the rows of resets; ``apply``
 scatters the new rows back; ``requeue`` puts events whose rows turned out to be
 stale back at the front of the pool.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.core.pool import Events, Pool, select
+from service.core.scan import Scanned
 from service.counts import any_nonzero
 from service.state.table import SessionTable
 
@@ -46,8 +48,26 @@ class StepPlan:
 
     @classmethod
     def make(cls, pool: Pool, table: SessionTable, max_batch: int) -> StepPlan:
+        """The next run of ``pool``: the earliest pending event of each session."""
         started = time.perf_counter()
-        events = pool.take(pool.pick(max_batch, table.capacity))
+        return cls._of(pool.take(pool.pick(max_batch, table.capacity)), table, started)
+
+    @classmethod
+    def of_request(cls, found: Scanned, table: SessionTable) -> StepPlan:
+        """A run of one request's own events, as admission scanned them (each of a
+        distinct session in ``table``, none pending): no pool in between."""
+        started = time.perf_counter()
+        events = {
+            "slots": found.slots,
+            "values": found.values,
+            "seqs": found.seqs,
+            "resets": found.resets,
+            "t0": found.t0,
+        }
+        return cls._of(events, table, started)
+
+    @classmethod
+    def _of(cls, events: Events, table: SessionTable, started: float) -> StepPlan:
         slots, seqs = events["slots"], events["seqs"]
         sequenced = any_nonzero(seqs)
         if sequenced:
@@ -56,21 +76,19 @@ class StepPlan:
         else:
             duplicate = np.zeros(slots.size, np.bool_)
             all_apply = True
-        apply = ~duplicate
-        run_slots = slots if all_apply else slots[apply]
-        values = events["values"] if all_apply else events["values"][apply]
+        run_slots, values, resets = slots, events["values"], events["resets"]
+        if not all_apply:
+            run = ~duplicate
+            run_slots, values, resets, seqs = slots[run], values[run], resets[run], seqs[run]
         states: list[np.ndarray] = []
         run_resets = None
         if run_slots.size:
             states = table.gather(run_slots)
-            resets = events["resets"] if all_apply else events["resets"][apply]
             if any_nonzero(resets):
                 run_resets = resets
                 for s in states:
                     s[resets] = 0.0
-        run_seqs = None
-        if sequenced:
-            run_seqs = seqs if all_apply else seqs[apply]
+        run_seqs = seqs if sequenced else None
         plan = cls(
             events, duplicate, all_apply, run_slots, values, states, run_seqs, run_resets, started
         )

@@ -190,3 +190,36 @@ class Intakes:
                 job.remaining = 0
                 job.resolve()
         self._open.clear()
+
+
+def answer_request(
+    job: Job,
+    steps: np.ndarray,
+    outputs: np.ndarray,
+    duplicate: np.ndarray,
+    failure: Failure | None,
+    version: int,
+) -> None:
+    """Answer a request whose events were a run of their own (``StepPlan.of_request``).
+
+    What ``Intakes.answer`` writes into an intake's rows, written into arrays of the
+    request's own: ``steps``/``outputs`` are its sessions' after the run, one row per
+    event, computed by ``version``; with a ``failure``, every event that is not a
+    duplicate gets it instead.
+    """
+    n = steps.size
+    job.steps = steps
+    job.outputs = outputs
+    job.duplicates = duplicate
+    job.codes = np.zeros(n, np.int32)
+    job.versions = versions = np.empty(n, np.uint64)  # np.full, without its Python wrapper
+    versions.fill(version)
+    if failure is not None:
+        failed = np.flatnonzero(~duplicate)
+        job.codes[failed] = failure[0]
+        job.outputs[failed] = 0.0
+        job.versions[failed] = 0
+        for i in failed.tolist():
+            job.errors[i] = failure[1]
+    job.remaining = 0
+    job.resolve()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -131,6 +132,131 @@ async def test_an_idle_engine_answers_a_small_request_as_it_is_submitted(runtime
     lone = batcher.submit(block(["c"], xs[:1]))
     assert lone.future.done()  # type: ignore[union-attr]
     np.testing.assert_allclose(lone.outputs[0], ref.step("c", xs[0]), atol=1e-5)
+    await batcher.stop()
+
+
+async def idle(batcher: Batcher) -> None:
+    """Wait until the engine counts as idle again: longer since its last run than that run
+    took (requests closer behind one another are batched)."""
+    engine = batcher.engine
+    while time.perf_counter() - engine._finished_at <= engine._run_seconds:
+        await asyncio.sleep(engine._run_seconds)
+    await asyncio.sleep(0)
+
+
+def intakes_opened(batcher: Batcher) -> int:
+    """How many intakes (result arrays of requests admitted together) the engine opened."""
+    return batcher.engine.intakes._next
+
+
+async def test_a_lone_event_on_a_live_session_is_applied_from_its_own_request(
+    runtime: Runtime,
+) -> None:
+    """On an idle engine a request of live sessions is applied at once from its own
+    columns: no intake is opened, and answers, state and metrics are the usual ones."""
+    batcher = await make(runtime, inline_batch=16)
+    await parked(batcher)
+    ref = Reference()
+    xs = events(np.random.default_rng(21), 8)
+    first = batcher.submit(block(["a", "b"], xs[:2], [1, 0]))  # new sessions: admitted
+    assert first.future.done() and intakes_opened(batcher) == 1  # type: ignore[union-attr]
+    for i in range(2):
+        ref.step("ab"[i], xs[i])
+    opened, before = intakes_opened(batcher), runs(batcher)
+    await idle(batcher)
+    lone = batcher.submit(block(["a"], xs[2:3], [2]))
+    await idle(batcher)
+    both = batcher.submit(block(["b", "a"], xs[3:5]))
+    assert lone.future.done() and both.future.done()  # type: ignore[union-attr]
+    assert intakes_opened(batcher) == opened  # neither went through admission's intake
+    assert runs(batcher) == [before[0] + 2, before[1] + 3]  # two runs, counted as usual
+    assert lone.steps.tolist() == [2] and both.steps.tolist() == [2, 3]
+    assert lone.codes.tolist() == [0] and both.codes.tolist() == [0, 0]
+    assert lone.versions.tolist() == [1] and both.versions.tolist() == [1, 1]
+    assert not lone.duplicates.any() and not both.errors
+    np.testing.assert_allclose(lone.outputs[0], ref.step("a", xs[2]), atol=1e-5)
+    np.testing.assert_allclose(both.outputs[0], ref.step("b", xs[3]), atol=1e-5)
+    np.testing.assert_allclose(both.outputs[1], ref.step("a", xs[4]), atol=1e-5)
+    a = await batcher.get("a")
+    assert a is not None and (a.step, a.last_seq) == (3, 2)
+    np.testing.assert_allclose(a.output, both.outputs[1])
+    # A reset starts from zeros, at once as well.
+    reset = EventBlock(["a"], xs[5:6], np.array([7], np.uint64), np.ones(1, np.bool_), {})
+    await idle(batcher)
+    again = batcher.submit(reset)
+    assert again.future.done() and intakes_opened(batcher) == opened  # type: ignore[union-attr]
+    np.testing.assert_allclose(again.outputs[0], ref.step("a", xs[5], reset=True), atol=1e-5)
+    a = await batcher.get("a")
+    assert a is not None and (a.step, a.last_seq) == (4, 7)
+    await batcher.stop()
+
+
+async def test_a_request_applied_at_once_answers_duplicates_and_keeps_state(
+    runtime: Runtime,
+) -> None:
+    batcher = await make(runtime, inline_batch=16)
+    await parked(batcher)
+    xs = events(np.random.default_rng(22), 3)
+    await batcher.submit(block(["a"], xs[:1], [5])).future  # type: ignore[misc]
+    kept = await batcher.get("a")
+    opened = intakes_opened(batcher)
+    await idle(batcher)
+    dup = batcher.submit(block(["a"], xs[1:2], [5]))  # seq 5 was applied: answered as is
+    assert dup.future.done() and intakes_opened(batcher) == opened  # type: ignore[union-attr]
+    assert dup.duplicates.tolist() == [True] and dup.codes.tolist() == [0]
+    assert dup.steps.tolist() == [1]
+    np.testing.assert_array_equal(dup.outputs[0], kept.output)  # type: ignore[union-attr]
+    after = await batcher.get("a")
+    assert after is not None and (after.step, after.last_seq) == (1, 5)
+    np.testing.assert_array_equal(after.states[0], kept.states[0])  # type: ignore[union-attr]
+    await batcher.stop()
+
+
+@pytest.mark.parametrize(
+    "ids, version",
+    [(["a", "a"], 0), (["a", "new"], 0), (["a"], 2)],
+    ids=["a session twice", "a new session", "another version"],
+)
+async def test_what_cannot_be_applied_at_once_is_admitted_as_usual(
+    runtime: Runtime, ids: list[str], version: int
+) -> None:
+    batcher = await make(runtime, inline_batch=16)
+    await parked(batcher)
+    xs = events(np.random.default_rng(23), 3)
+    await batcher.submit(block(["a"], xs[:1])).future  # type: ignore[misc]
+    opened = intakes_opened(batcher)
+    await idle(batcher)
+    job = batcher.engine.submit("m", block(ids, xs[1 : 1 + len(ids)]), version=version)
+    await job.future  # type: ignore[misc]
+    if version:  # the session is on version 1: refused whole at admission
+        assert job.codes.tolist() == [Code.FAILED_PRECONDITION]
+        assert job.steps.tolist() == [1]
+    else:
+        assert intakes_opened(batcher) == opened + 1
+        assert job.codes.tolist() == [0] * len(ids)
+        assert job.steps.tolist() == ([2, 3] if ids == ["a", "a"] else [2, 1])
+    await batcher.stop()
+
+
+async def test_a_run_applied_at_once_that_fails_answers_internal_and_keeps_state() -> None:
+    runtime = Runtime(failing_model(), "failing.onnx", "cpu")
+    runtime.warm_up(8)
+    batcher = await make(runtime, inline_batch=16)
+    await parked(batcher)
+    good = np.array([[1.0, 2.0]], np.float32)
+    await batcher.submit(block(["a"], good, [1])).future  # type: ignore[misc]
+    before = await batcher.get("a")
+    opened = intakes_opened(batcher)
+    await idle(batcher)
+    bad = batcher.submit(block(["a"], np.array([[50.0, 0.0]], np.float32), [2]))
+    assert bad.future.done() and intakes_opened(batcher) == opened  # type: ignore[union-attr]
+    assert bad.codes.tolist() == [Code.INTERNAL] and bad.versions.tolist() == [0]
+    assert bad.errors == {0: "the model failed on this event's batch"}
+    assert not bad.outputs.any() and bad.steps.tolist() == [1]
+    after = await batcher.get("a")
+    assert before is not None and after is not None
+    assert (after.step, after.last_seq) == (1, 1)
+    np.testing.assert_array_equal(after.states[0], before.states[0])
     await batcher.stop()
 
 
