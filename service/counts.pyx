@@ -12,13 +12,15 @@ def add_at(int32_t[::1] counts, const int64_t[::1] rows, int32_t delta):
         counts[rows[i]] += delta
 
 
-def add_to_buckets(int64_t[::1] counts, const double[::1] bounds, const double[::1] values):
-    """Count each value in its "le" bucket (``counts`` has one more cell than ``bounds``:
-    the +Inf bucket); the values' sum."""
+def add_elapsed(
+    int64_t[::1] counts, const double[::1] bounds, double now, const double[::1] starts
+):
+    """Count the time from each of ``starts`` to ``now`` in its "le" bucket (``counts``
+    has one more cell than ``bounds``: the +Inf bucket); the times' sum."""
     cdef Py_ssize_t i, lo, hi, mid, n = bounds.shape[0]
     cdef double v, total = 0.0
-    for i in range(values.shape[0]):
-        v = values[i]
+    for i in range(starts.shape[0]):
+        v = now - starts[i]
         lo = 0
         hi = n
         while lo < hi:  # the first bound >= v (a value equal to a bound is in its bucket)

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from service.counts import add_to_buckets
+from service.counts import add_elapsed
 
 LATENCY_BUCKETS = (
     0.0001,
@@ -37,7 +37,7 @@ OUTCOMES = ("applied", "duplicate", "invalid", "over_capacity", "failed", "unava
 
 
 class BulkHistogram(Collector):
-    """A histogram fed whole numpy arrays at once: one ``observe_many`` per batch, not per event."""
+    """A histogram fed whole numpy arrays at once: one ``observe_since`` per batch of events."""
 
     def __init__(self, name: str, documentation: str, buckets: Sequence[float]):
         self._name = name
@@ -46,9 +46,10 @@ class BulkHistogram(Collector):
         self._counts = np.zeros(len(buckets) + 1, np.int64)
         self._sum = 0.0
 
-    def observe_many(self, values: np.ndarray) -> None:
-        """Count ``values`` (float64 seconds) in their buckets: one compiled pass."""
-        self._sum += add_to_buckets(self._counts, self._bounds, values)
+    def observe_since(self, now: float, starts: np.ndarray) -> None:
+        """Count the seconds from each of ``starts`` (float64) to ``now`` in their buckets:
+        one compiled pass, no array of differences."""
+        self._sum += add_elapsed(self._counts, self._bounds, now, starts)
 
     def collect(self) -> Iterable[HistogramMetricFamily]:
         # The event loop is the only writer; a scrape sees each count or the one before.

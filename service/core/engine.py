@@ -469,7 +469,7 @@ class Engine:
 
     def _ran(self, lane: Lane, plan: StepPlan, started: float, cpu: float) -> None:
         """The model ran: its events' queue wait now; its time and CPU counted with the run."""
-        self.metrics.queue_seconds.observe_many(started - plan.queued_at)
+        self.metrics.queue_seconds.observe_since(started, plan.queued_at)
         plan.seconds = time.perf_counter() - started
         plan.cpu = cpu
 
@@ -503,7 +503,7 @@ class Engine:
         self.metrics.count_run(
             lane.metrics, ran, int(plan.slots.size) - ran, failed, plan.seconds, plan.cpu
         )
-        self.metrics.event_seconds.observe_many(time.perf_counter() - plan.events["t0"])
+        self.metrics.event_seconds.observe_since(time.perf_counter(), plan.events["t0"])
 
     def _fail_everything(self) -> None:
         """After a core bug: answer every unanswered event INTERNAL; no caller hangs.

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from service.core.scan import first_per_row, job_counts, scan, stretches
 from service.core.types import EventBlock, Job
-from service.counts import add_at, add_to_buckets, any_nonzero
+from service.counts import add_at, add_elapsed, any_nonzero
 
 
 @given(st.lists(st.integers(0, 9), max_size=40))
@@ -114,7 +114,8 @@ def test_scan_joins_the_requests_and_finds_rows_and_bad_values(
 def test_buckets_count_as_bisect_does(values: list[float]) -> None:
     bounds = np.array([0.1, 1.0, 2.5], np.float64)
     counts = np.zeros(4, np.int64)
-    total = add_to_buckets(counts, bounds, np.array(values, np.float64))
+    # From -v to 0 is exactly v in floating point: values on a bound stay on it.
+    total = add_elapsed(counts, bounds, 0.0, -np.array(values, np.float64))
     expected = [0] * 4
     for v in values:
         expected[bisect_left(bounds.tolist(), v)] += 1
