@@ -56,7 +56,7 @@ async def measure(n: int, gap: float) -> dict[str, float]:
     plan_module.StepPlan.apply = lambda self, *a: timed("apply", apply)(self, *a)  # type: ignore[method-assign]
     engine_module.scan = timed("check", scan)
     engine_module.answer_request = timed("answer", answer)
-    lane.runtime.timed_run = timed("run", lane.runtime.timed_run)  # type: ignore[method-assign]
+    lane.runtime.run = timed("run", lane.runtime.run)  # type: ignore[method-assign]
     engine._count = timed("count", engine._count)  # type: ignore[method-assign]
     try:
         direct = 0

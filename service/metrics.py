@@ -234,7 +234,9 @@ class Metrics:
             ["model", "version", "outcome"],
         )
         self.inference_cpu = CounterCells(
-            "lstm_inference_cpu_seconds", "CPU time ONNX Runtime spent in runs (its thread)."
+            "lstm_inference_cpu_seconds",
+            "CPU time ONNX Runtime spent in runs (its thread; a small run on the event loop: "
+            "the run's time).",
         )
         self._inference_cpu = self.inference_cpu.cell()
         for family in (self.batch_size, self.inference_seconds, self.model_events):

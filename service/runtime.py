@@ -241,6 +241,8 @@ class Runtime:
         self._session, self.device = open_session(model, source, device, threads, cuda)
         """``device``: where the model runs, ``cpu`` or ``cuda:N``."""
         self.provider = self._session.get_providers()[0]
+        self.on_cpu = self.provider == CPU
+        """A run's time is its thread's CPU time (no device to wait for)."""
         self.spec = _check_contract(self._session, source, _output_alias(model))
         self._outputs = ["output", *(f"{name}_out" for name in self.spec.state_names)]
         # InferenceSession.run checks the feeds' names and ownership and a WebGPU capture
@@ -253,7 +255,9 @@ class Runtime:
             self._run = binding.run
         else:
             self._run = self._session.run
-        self._state_widths = list(self.spec.state_sizes)
+        self._inputs = ("event", *self.spec.state_names)
+        self._widths = (self.spec.output_size, *self.spec.state_sizes)
+        """Each result's width: the output's, then each state's."""
         log.info(
             "model loaded: source=%s provider=%s device=%s event_size=%d output_size=%d states=%s",
             source,
@@ -268,17 +272,14 @@ class Runtime:
         self, event: np.ndarray, states: Sequence[np.ndarray]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One step for a batch: ``(output [B, O], new states)``; inputs are float32 rows."""
-        feeds = {"event": event}
-        feeds.update(zip(self.spec.state_names, states))
-        output, *new_states = self._run(self._outputs, feeds, None)
+        results = self._run(self._outputs, dict(zip(self._inputs, (event, *states))), None)
         # A graph can compute other shapes than it declares; never store those.
         batch = event.shape[0]
-        if output.shape != (batch, self.spec.output_size) or [s.shape for s in new_states] != [
-            (batch, k) for k in self._state_widths
-        ]:
-            got = ", ".join(str(a.shape) for a in (output, *new_states))
-            raise ModelOutputError(f"the model returned shapes {got} for a batch of {batch}")
-        return output, new_states
+        for result, width in zip(results, self._widths):
+            if result.shape != (batch, width):
+                got = ", ".join(str(a.shape) for a in results)
+                raise ModelOutputError(f"the model returned shapes {got} for a batch of {batch}")
+        return results[0], results[1:]
 
     def timed_run(
         self, event: np.ndarray, states: Sequence[np.ndarray]

@@ -405,8 +405,13 @@ class Engine:
         """Run the model on the loop (a small run): its output and states (_RunFailed: why not)."""
         self._check_store(lane)
         started = time.perf_counter()
+        runtime = lane.runtime
+        cpu: float | None = None
         try:
-            output, states, cpu = lane.runtime.timed_run(plan.values, plan.states)
+            if runtime.on_cpu:
+                output, states = runtime.run(plan.values, plan.states)
+            else:
+                output, states, cpu = runtime.timed_run(plan.values, plan.states)
         except Exception:
             raise _RunFailed(self._model_failed(plan)) from None
         self._ran(lane, plan, started, cpu)
@@ -467,11 +472,14 @@ class Engine:
         log.exception("ONNX Runtime failed on a batch of %d events", plan.run_slots.size)
         return (Code.INTERNAL, MODEL_FAILED)
 
-    def _ran(self, lane: Lane, plan: StepPlan, started: float, cpu: float) -> None:
-        """The model ran: its events' queue wait now; its time and CPU counted with the run."""
+    def _ran(self, lane: Lane, plan: StepPlan, started: float, cpu: float | None) -> None:
+        """The model ran: its events' queue wait now; its time and CPU counted with the run.
+
+        ``cpu`` None: the run was on the loop and on the CPU, its thread doing nothing else
+        meanwhile, so its time is its CPU time (two clock syscalls fewer per lone event)."""
         self.metrics.queue_seconds.observe_since(started, plan.queued_at)
         plan.seconds = time.perf_counter() - started
-        plan.cpu = cpu
+        plan.cpu = plan.seconds if cpu is None else cpu
 
     def _moved_elsewhere(self, lane: Lane, session_ids: list[str]) -> None:
         """Another replica moved these sessions to another version: drop them here and read

@@ -103,11 +103,7 @@ class StepPlan:
 
     def counters(self, table: SessionTable) -> tuple[np.ndarray, np.ndarray]:
         """The rows' ``step`` and ``last_seq`` once the run is applied."""
-        step = table.steps(self.run_slots) + np.uint64(1)
-        last_seq = table.last_seqs(self.run_slots)
-        if self.run_seqs is not None:
-            last_seq = np.maximum(last_seq, self.run_seqs)
-        return step, last_seq
+        return table.advanced(self.run_slots, self.run_seqs)
 
     def apply(
         self,

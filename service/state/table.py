@@ -17,7 +17,7 @@ import numpy as np
 from service.counts import add_at
 from service.state.kept import KeptEvents
 from service.state.keys import tenant_of
-from service.state.rows import put_rows, take_rows
+from service.state.rows import advanced, put_counters, put_rows, take_rows
 from service.store.base import StoredRows, StoreLayout
 
 
@@ -310,9 +310,12 @@ class SessionTable:
             put_rows(t, slots, s)
         if self.output_alias is None:
             put_rows(self.output, slots, output)
-        self.step[slots] = step
-        self.last_seq[slots] = last_seq
-        self.updated[slots] = now
+        put_counters(self.step, self.last_seq, self.updated, slots, step, last_seq, now)
+
+    def advanced(self, slots: np.ndarray, seqs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The rows' ``step`` and ``last_seq`` once a run of these events (``seqs``: theirs,
+        None when none has one) is applied."""
+        return advanced(self.step, self.last_seq, slots, seqs)
 
     def steps(self, slots: np.ndarray) -> np.ndarray:
         return self.step[slots]
