@@ -57,6 +57,7 @@ async def measure(n: int, gap: float) -> dict[str, float]:
     engine_module.scan = timed("check", scan)
     engine_module.answer_request = timed("answer", answer)
     lane.runtime.run = timed("run", lane.runtime.run)  # type: ignore[method-assign]
+    lane.runtime.run_one = timed("run", lane.runtime.run_one)  # type: ignore[method-assign]
     engine._count = timed("count", engine._count)  # type: ignore[method-assign]
     try:
         direct = 0

@@ -408,8 +408,9 @@ class Engine:
         runtime = lane.runtime
         cpu: float | None = None
         try:
-            if runtime.on_cpu:
-                output, states = runtime.run(plan.values, plan.states)
+            if runtime.on_cpu:  # a lone event through the arrays bound once (the loop's)
+                run = runtime.run_one if plan.run_slots.size == 1 else runtime.run
+                output, states = run(plan.values, plan.states)
             else:
                 output, states, cpu = runtime.timed_run(plan.values, plan.states)
         except Exception:

@@ -42,3 +42,39 @@ def failing_model() -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
+
+
+def lying_model() -> bytes:
+    """A real model whose state output is wider than it declares ([batch, 3], not 2).
+
+    ONNX Runtime runs it (with a warning); the runtime must refuse the result.
+    """
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["event"], ["output"]),
+            helper.make_node("Concat", ["state", "event"], ["wide"], axis=1),
+            # The width comes from the data (max event value), so no shape inference
+            # can see the lie at load time; events of 3.0 make it 3.
+            helper.make_node("ReduceMax", ["event"], ["peak"], keepdims=0),
+            helper.make_node("Reshape", ["peak", "one"], ["peak1"]),
+            helper.make_node("Cast", ["peak1"], ["end"], to=TensorProto.INT64),
+            helper.make_node("Slice", ["wide", "zero", "end", "one"], ["state_out"]),
+        ],
+        "lying",
+        [
+            helper.make_tensor_value_info("event", f, ["batch", 2]),
+            helper.make_tensor_value_info("state", f, ["batch", 2]),
+        ],
+        [
+            helper.make_tensor_value_info("output", f, ["batch", 2]),
+            helper.make_tensor_value_info("state_out", f, ["batch", 2]),
+        ],
+        initializer=[
+            numpy_helper.from_array(np.array([0], np.int64), "zero"),
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()

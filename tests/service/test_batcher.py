@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from prometheus_client import CollectorRegistry
 
 from service.core.engine import Engine
@@ -26,7 +25,7 @@ from service.state.table import Limits, SessionSnapshot
 from service.store import NullStore
 from service.store.base import StateStore, StoredRows
 from service.store.sqlite import SqliteStore
-from tests.service.models import failing_model
+from tests.service.models import failing_model, lying_model
 from tests.service.reference import Reference, events
 
 
@@ -420,42 +419,6 @@ async def test_drain_refuses_new_events(runtime: Runtime) -> None:
     with pytest.raises(EngineClosed):
         batcher.submit(block(["a"], events(np.random.default_rng(3), 1)))
     await batcher.stop()
-
-
-def lying_model() -> bytes:
-    """A real model whose state output is wider than it declares ([batch, 3], not 2).
-
-    ONNX Runtime runs it (with a warning); the runtime must refuse the result.
-    """
-    f = TensorProto.FLOAT
-    graph = helper.make_graph(
-        [
-            helper.make_node("Identity", ["event"], ["output"]),
-            helper.make_node("Concat", ["state", "event"], ["wide"], axis=1),
-            # The width comes from the data (max event value), so no shape inference
-            # can see the lie at load time; events of 3.0 make it 3.
-            helper.make_node("ReduceMax", ["event"], ["peak"], keepdims=0),
-            helper.make_node("Reshape", ["peak", "one"], ["peak1"]),
-            helper.make_node("Cast", ["peak1"], ["end"], to=TensorProto.INT64),
-            helper.make_node("Slice", ["wide", "zero", "end", "one"], ["state_out"]),
-        ],
-        "lying",
-        [
-            helper.make_tensor_value_info("event", f, ["batch", 2]),
-            helper.make_tensor_value_info("state", f, ["batch", 2]),
-        ],
-        [
-            helper.make_tensor_value_info("output", f, ["batch", 2]),
-            helper.make_tensor_value_info("state_out", f, ["batch", 2]),
-        ],
-        initializer=[
-            numpy_helper.from_array(np.array([0], np.int64), "zero"),
-            numpy_helper.from_array(np.array([1], np.int64), "one"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 async def test_outputs_of_undeclared_shapes_fail_the_batch_and_keep_state() -> None:

@@ -38,6 +38,7 @@ from service.runtime import (
     providers_for,
 )
 from tests.conftest import DEVICE, ServerFactory
+from tests.service.models import lying_model
 
 
 def model_bytes(inputs, outputs, nodes, initializer=()) -> bytes:
@@ -167,6 +168,34 @@ def test_on_the_cpu_the_binding_is_called_directly_with_the_public_calls_results
         np.testing.assert_array_equal(got, expected)
     with pytest.raises(Exception, match=r"(?i)type"):
         runtime.run(x.astype(np.float64), [h, c])
+
+
+def test_a_batch_of_one_through_the_bound_arrays_is_runs_result_bit_for_bit() -> None:
+    """``run_one`` (the arrays bound to ONNX Runtime once) gives ``run``'s results for
+    one event after another, leaves its inputs as they were, and fails a result of
+    another shape than declared as ``run`` does."""
+    runtime = Runtime(*load_model_bytes(None), "cpu")
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        x = rng.standard_normal((1, 32)).astype(np.float32)
+        h, c = (rng.standard_normal((1, 64)).astype(np.float32) for _ in range(2))
+        kept = [x.copy(), h.copy(), c.copy()]
+        expected_output, expected_states = runtime.run(x, [h, c])
+        output, states = runtime.run_one(x, [h, c])
+        for got, expected in zip([output, *states], [expected_output, *expected_states]):
+            assert got.shape == (1, 64)
+            np.testing.assert_array_equal(got, expected)
+        for array, before in zip((x, h, c), kept):
+            np.testing.assert_array_equal(array, before)
+    honest = Runtime(identity_model(), "identity.onnx", "cpu")  # one state, 3 wide
+    out, (state,) = honest.run_one(np.ones((1, 4), np.float32), [np.full((1, 3), 2.0, np.float32)])
+    assert out.tolist() == [[1.0] * 4] and state.tolist() == [[2.0] * 3]
+    liar = Runtime(lying_model(), "lying.onnx", "cpu")
+    x = np.full((1, 2), 3.0, np.float32)  # state_out 3 wide where 2 are declared
+    with pytest.raises(Exception):  # noqa: B017  (ONNX Runtime's own error type)
+        liar.run(x, [np.zeros((1, 2), np.float32)])
+    with pytest.raises(Exception):  # noqa: B017
+        liar.run_one(x, [np.zeros((1, 2), np.float32)])
 
 
 def test_embedded_default() -> None:
