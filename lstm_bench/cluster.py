@@ -51,9 +51,11 @@ def need(program: str) -> str:
 class RedisServer:
     """redis-server on 127.0.0.1 with its data in ``directory``: AOF on, fsync every second.
 
-    ``appendfsync everysec`` writes each command to the file before it is answered, so
-    killing the process loses nothing acknowledged; a crash of the whole machine can
-    lose up to a second (``always`` closes that at an fsync per write).
+    ``appendfsync everysec`` normally writes each command to the file before answering
+    it, but while the previous second's fsync is still running (a busy disk) Redis puts
+    the write off for up to two seconds and answers meanwhile, so even a killed process
+    can lose up to ~2 s of acknowledged writes, and a crash of the machine as much.
+    ``fsync="always"`` writes and fsyncs before answering: nothing acknowledged is lost.
     """
 
     def __init__(self, directory: Path, port: int | None = None, fsync: str = "everysec"):

@@ -273,7 +273,9 @@ async def test_a_fourth_replica_takes_over_only_the_sessions_that_move(cluster: 
 async def test_acknowledged_state_survives_a_redis_restart(
     start_server: ServerFactory, tmp_path: Path
 ) -> None:
-    redis = RedisServer(tmp_path / "redis").start()
+    # fsync always: with everysec a busy disk lets Redis answer a write it has not yet put
+    # in the file (up to 2 s), and a SIGKILL loses it; always is the no-loss setting.
+    redis = RedisServer(tmp_path / "redis", fsync="always").start()
     try:
         server = await start_server(state_store=redis.url)
         xs = {f"s{k}": events(np.random.default_rng(k), 30) for k in range(8)}

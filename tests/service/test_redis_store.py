@@ -127,7 +127,17 @@ def test_another_models_sessions_are_refused_unless_reset(redis: RedisServer) ->
     assert store.load(MODEL, ["a", "b"]) == []
 
 
-def test_a_redis_that_is_down_raises_store_error_and_recovers(redis: RedisServer) -> None:
+def test_a_redis_that_is_down_raises_store_error_and_recovers(tmp_path: Path) -> None:
+    # fsync always: with everysec a busy disk lets Redis answer a write it has not yet
+    # put in the file (up to 2 s), and the kill below would lose it (seen in CI).
+    redis = RedisServer(tmp_path / "redis", fsync="always").start()
+    try:
+        down_and_back(redis)
+    finally:
+        redis.stop()
+
+
+def down_and_back(redis: RedisServer) -> None:
     store = opened(redis.url)
     store.save(MODEL, rows(["a"]))
     redis.kill()
