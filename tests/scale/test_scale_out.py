@@ -179,7 +179,9 @@ async def stream_session(
                 progress[0] += 1
                 await asyncio.sleep(0.002)
             await call.done_writing()
-        except grpc.aio.AioRpcError:
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # A stream broken between an answer and the next write fails the write with
+            # InvalidStateError ("RPC already finished") rather than AioRpcError.
             breaks += 1
             got = await stub.GetSession(pb.SessionRef(session_id=sid), metadata=header(sid))
             assert got.last_seq >= acked, f"{sid}: acknowledged events lost"
