@@ -250,14 +250,14 @@ class Runtime:
         # the CPU provider, with the names checked against the contract at load, none of
         # that applies, so its binding is called directly (about 10 us less per lone event
         # in a request's path); any other provider keeps the public call.
+        self._inputs = ("event", *self.spec.state_names)
         binding = getattr(self._session, "_sess", None)
         self._one: _OneRow | None = None
-        if self.provider == CPU and binding is not None:
+        if self.on_cpu and binding is not None:
             self._run = binding.run
-            self._one = _OneRow(self._session, self.spec, self._outputs)
+            self._one = _OneRow(self._session, self.spec, self._inputs, self._outputs)
         else:
             self._run = self._session.run
-        self._inputs = ("event", *self.spec.state_names)
         self._widths = (self.spec.output_size, *self.spec.state_sizes)
         """Each result's width: the output's, then each state's."""
         log.info(
@@ -321,11 +321,17 @@ class _OneRow:
     bound fails the run in ONNX Runtime, as ``run``'s own check would.
     """
 
-    def __init__(self, session: ort.InferenceSession, spec: ModelSpec, outputs: list[str]):
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        spec: ModelSpec,
+        inputs: Sequence[str],
+        outputs: Sequence[str],
+    ):
         binding = session.io_binding()
         self.inputs = [np.zeros((1, spec.event_size), np.float32)]
         self.inputs += [np.zeros((1, k), np.float32) for k in spec.state_sizes]
-        for name, array in zip(("event", *spec.state_names), self.inputs):
+        for name, array in zip(inputs, self.inputs):
             binding.bind_cpu_input(name, array)
         self.results = [np.zeros((1, spec.output_size), np.float32)]
         self.results += [np.zeros((1, k), np.float32) for k in spec.state_sizes]
