@@ -566,6 +566,10 @@ class Client:
         # ``switching``: a request is numbered and queued wholly before or after a reconnect
         # takes its snapshot of what to send again.
         switching = threading.Lock()
+        # A batch that cannot be sent (values of the wrong shape, the caller's iterable
+        # raising): nothing more is read, the batches before it are answered and yielded,
+        # then the stream raises that error (gRPC would only say "Exception iterating").
+        failure: list[Exception] = []
         while True:
             with switching:
                 current[0] += 1
@@ -585,16 +589,25 @@ class Client:
                             return  # a reconnect replaced this stream
                         try:
                             batch = handed.pop() if handed else next(source)
+                            ids, values, *extra = batch
+                            self._prepare(ids)
                         except StopIteration:
                             exhausted = True
                             return
-                        ids, values, *extra = batch
-                        self._prepare(ids)
+                        except Exception as exc:
+                            failure.append(exc)
+                            exhausted = True
+                            return
                         with switching:
                             if mine != current[0]:
                                 handed.append(batch)
                                 return
-                            request = self.core.request(ids, values, *_resets_seqs(extra))
+                            try:
+                                request = self.core.request(ids, values, *_resets_seqs(extra))
+                            except Exception as exc:
+                                failure.append(exc)
+                                exhausted = True
+                                return
                             pending.append(request)
                     yield request.message
 
@@ -605,6 +618,8 @@ class Client:
                     self.core.reached = True
                     yield self.core.results(pending.popleft(), response)
                 if exhausted and not pending:
+                    if failure:
+                        raise failure[0]
                     return
             except grpc.RpcError as exc:
                 if not _retryable(exc):
@@ -789,6 +804,7 @@ class AsyncClient:
         pending: collections.deque[_Request] = collections.deque()
         handed: list[Any] = []
         exhausted = False
+        failure: list[Exception] = []  # as in Client.stream: raised once the rest is answered
         deadline = None
         while True:
             call = self.stub.StreamSteps(metadata=metadata)
@@ -800,26 +816,24 @@ class AsyncClient:
                 replay: tuple[_Request, ...] = tuple(pending),
             ) -> None:
                 nonlocal exhausted
-                for request in replay:
-                    await room.acquire()
-                    await call.write(request.message)
-                while True:
-                    await room.acquire()
-                    try:
-                        batch = handed.pop() if handed else next(source)
-                    except StopIteration:
-                        exhausted = True
-                        await call.done_writing()
-                        return
-                    ids, values, *extra = batch
-                    try:
-                        await self._prepare(ids)
-                    except asyncio.CancelledError:
-                        handed.append(batch)  # the stream broke: the next one sends it
-                        raise
-                    request = self.core.request(ids, values, *_resets_seqs(extra))
-                    pending.append(request)
-                    await call.write(request.message)
+                try:
+                    for request in replay:
+                        await room.acquire()
+                        await call.write(request.message)
+                    while True:
+                        await room.acquire()
+                        if exhausted:
+                            await call.done_writing()
+                            return
+                        request = await self._next_request(source, handed, failure)
+                        if request is None:
+                            exhausted = True
+                            await call.done_writing()
+                            return
+                        pending.append(request)
+                        await call.write(request.message)
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    return  # the stream broke: the reader sees why and opens another
 
             writer = asyncio.ensure_future(write())
             try:
@@ -830,6 +844,8 @@ class AsyncClient:
                     yield self.core.results(pending.popleft(), response)
                 await writer
                 if exhausted and not pending:
+                    if failure:
+                        raise failure[0]
                     return
             except grpc.aio.AioRpcError as exc:
                 writer.cancel()
@@ -845,6 +861,29 @@ class AsyncClient:
                 await asyncio.sleep(0.2)
             finally:
                 writer.cancel()
+
+    async def _next_request(
+        self, source: Iterator[Batch], handed: list[Any], failure: list[Exception]
+    ) -> _Request | None:
+        """The next batch of ``stream``'s as a request; None once there are no more, or when
+        one cannot be sent (the error is put in ``failure``)."""
+        try:
+            batch = handed.pop() if handed else next(source)
+        except StopIteration:
+            return None
+        except Exception as exc:
+            failure.append(exc)
+            return None
+        try:
+            ids, values, *extra = batch
+            await self._prepare(ids)
+            return self.core.request(ids, values, *_resets_seqs(extra))
+        except asyncio.CancelledError:
+            handed.append(batch)  # the stream broke: the next one sends it
+            raise
+        except Exception as exc:
+            failure.append(exc)
+            return None
 
     async def get_session(self, session_id: str) -> pb.Session | None:
         try:

@@ -8,7 +8,9 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -278,3 +280,79 @@ async def test_every_result_says_its_model_version(server: Server) -> None:
             assert sharded.step_many(["v", "w"], x[1:]).versions.tolist() == [1, 1]
 
     await asyncio.to_thread(use)
+
+
+def _failing_batches(prefix: str, x: np.ndarray) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Two good batches, one whose values do not match its ids, and one that must never go."""
+    yield [f"{prefix}a"], x[0:1]
+    yield [f"{prefix}b"], x[1:2]
+    yield [f"{prefix}c"], x[2:4]  # two rows of values for one session id
+    yield [f"{prefix}d"], x[4:5]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_batch_that_cannot_be_sent_ends_the_stream_with_its_own_error(
+    server: Server, kind: str
+) -> None:
+    """The batches before it are answered and yielded; then the stream raises the batch's
+    own error (not gRPC's "Exception iterating requests", not a hang); nothing after it
+    is sent."""
+    x = events(np.random.default_rng(11), 5)
+    ref = Reference()
+    address = f"127.0.0.1:{server.port}"
+    got: list[np.ndarray] = []
+
+    def use_sync() -> None:
+        with Client(address, window=4) as client:
+            with pytest.raises(ValueError, match=r"values must be \[1, E\]; got \[2, 32\]"):
+                for r in client.stream(_failing_batches(kind, x)):
+                    got.append(r.outputs[0])
+            assert client.get_session(f"{kind}c") is None
+            assert client.get_session(f"{kind}d") is None
+
+    async def use_async() -> None:
+        async with AsyncClient(address, window=4) as client:
+            with pytest.raises(ValueError, match=r"values must be \[1, E\]; got \[2, 32\]"):
+                async for r in client.stream(_failing_batches(kind, x)):
+                    got.append(r.outputs[0])
+            assert await client.get_session(f"{kind}c") is None
+            assert await client.get_session(f"{kind}d") is None
+
+    if kind == "sync":
+        await asyncio.to_thread(use_sync)
+    else:
+        await asyncio.wait_for(use_async(), 30)  # before the fix: no answer, ever
+    assert len(got) == 2
+    np.testing.assert_allclose(got[0], ref.step(f"{kind}a", x[0]), atol=1e-5)
+    np.testing.assert_allclose(got[1], ref.step(f"{kind}b", x[1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_an_iterable_that_raises_ends_the_stream_with_that_error(
+    server: Server, kind: str
+) -> None:
+    x = events(np.random.default_rng(12), 2)
+
+    def source() -> Iterator[tuple[list[str], np.ndarray]]:
+        yield [f"{kind}-it"], x[0:1]
+        raise OSError("the input file went away")
+
+    address = f"127.0.0.1:{server.port}"
+    got: list[Any] = []
+
+    def use_sync() -> None:
+        with Client(address) as client, pytest.raises(OSError, match="went away"):
+            for r in client.stream(source()):
+                got.append(r)
+
+    async def use_async() -> None:
+        async with AsyncClient(address) as client:
+            with pytest.raises(OSError, match="went away"):
+                async for r in client.stream(source()):
+                    got.append(r)
+
+    if kind == "sync":
+        await asyncio.to_thread(use_sync)
+    else:
+        await asyncio.wait_for(use_async(), 30)
+    assert [r.steps.tolist() for r in got] == [[1]]
