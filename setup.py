@@ -6,6 +6,7 @@ and wraparound checks for debugging (slower; never for a release build).
 
 import os
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -27,7 +28,15 @@ MODULES = [
 
 setup(
     ext_modules=cythonize(
-        [Extension(path[:-4].replace("/", "."), [path]) for path in MODULES],
+        [
+            Extension(
+                path[:-4].replace("/", "."),
+                [path],
+                include_dirs=[numpy.get_include()],  # service/arrays.pxd reads array headers
+                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            )
+            for path in MODULES
+        ],
         compiler_directives=DIRECTIVES,
     )
 )

@@ -1,44 +1,61 @@
 """Counting loops of the hot path, compiled: pending events per table row, histogram buckets."""
 
+cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t
 
-import numpy as np
+from service.arrays cimport _data, dim0, f64, i32_out, i64, i64_out
+
+cnp.import_array()
 
 
-def add_at(int32_t[::1] counts, const int64_t[::1] rows, int32_t delta):
+def add_at(object counts, object rows, int32_t delta):
     """``counts[row] += delta`` for each of ``rows``, a row as often as it is listed."""
-    cdef Py_ssize_t i
-    for i in range(rows.shape[0]):
-        counts[rows[i]] += delta
+    cdef int32_t* cells = i32_out(counts)
+    cdef const int64_t* at = i64(rows)
+    cdef Py_ssize_t i, n = dim0(rows), size = dim0(counts)
+    for i in range(n):  # every row checked before anything is counted
+        if at[i] < 0 or at[i] >= size:
+            raise IndexError(f"row {at[i]} outside {size} counts")
+    for i in range(n):
+        cells[at[i]] += delta
 
 
-def add_elapsed(
-    int64_t[::1] counts, const double[::1] bounds, double now, const double[::1] starts
-):
+def add_elapsed(object counts, object bounds, double now, object starts):
     """Count the time from each of ``starts`` to ``now`` in its "le" bucket (``counts``
     has one more cell than ``bounds``: the +Inf bucket); the times' sum."""
-    cdef Py_ssize_t i, lo, hi, mid, n = bounds.shape[0]
+    cdef int64_t* cells = i64_out(counts)
+    cdef const double* edges = f64(bounds)
+    cdef const double* began = f64(starts)
+    cdef Py_ssize_t i, lo, hi, mid, n = dim0(bounds)
+    if dim0(counts) != n + 1:
+        raise ValueError(f"{dim0(counts)} counts for {n} bounds (one more is the +Inf bucket)")
     cdef double v, total = 0.0
-    for i in range(starts.shape[0]):
-        v = now - starts[i]
+    for i in range(dim0(starts)):
+        v = now - began[i]
         lo = 0
         hi = n
         while lo < hi:  # the first bound >= v (a value equal to a bound is in its bucket)
             mid = (lo + hi) >> 1
-            if bounds[mid] < v:
+            if edges[mid] < v:
                 lo = mid + 1
             else:
                 hi = mid
-        counts[lo] += 1
+        cells[lo] += 1
         total += v
     return total
 
 
 def any_nonzero(object array):
     """Whether a 1-D contiguous array (uint64 seqs, bool resets) holds a nonzero element."""
-    cdef const uint8_t[::1] raw = array.view(np.uint8)
-    cdef Py_ssize_t i
-    for i in range(raw.shape[0]):
+    cdef const uint8_t* raw
+    cdef Py_ssize_t i, n
+    if cnp.PyArray_Check(array) and cnp.PyArray_TYPE(<cnp.ndarray>array) == cnp.NPY_BOOL:
+        raw = <const uint8_t*>_data(array, cnp.NPY_BOOL, 1, False)
+        n = dim0(array)
+    else:
+        raw = <const uint8_t*>_data(array, cnp.NPY_UINT64, 1, False)
+        n = 8 * dim0(array)
+    for i in range(n):
         if raw[i]:
             return True
     return False

@@ -35,20 +35,20 @@ class MalformedBatch(ValueError):
 def read_step_request(data: bytes) -> StepRequestWire | None: ...
 def varint(value: int) -> bytes: ...
 def encode_batch(
-    steps: np.ndarray,
-    outputs: np.ndarray,
-    codes: np.ndarray,
-    duplicates: np.ndarray,
+    step_column: np.ndarray,
+    output_rows: np.ndarray,
+    code_column: np.ndarray,
+    duplicate_flags: np.ndarray,
     errors: dict[int, str],
-    versions: np.ndarray,
+    version_column: np.ndarray,
 ) -> bytes: ...
 def encode_results(
     session_ids: list[str],
-    seqs: np.ndarray | None,
-    steps: np.ndarray,
-    outputs: np.ndarray,
-    duplicates: np.ndarray,
+    seq_column: np.ndarray | None,
+    step_column: np.ndarray,
+    output_rows: np.ndarray,
+    duplicate_flags: np.ndarray,
     errors: dict[int, tuple[int, str]],
     states: Sequence[tuple[str, np.ndarray]],
-    versions: np.ndarray,
+    version_column: np.ndarray,
 ) -> bytes: ...

@@ -15,12 +15,29 @@ handed to protobuf's own parser once and read from its canonical form, so every
 legal message means what protobuf says it means.
 """
 
+cimport numpy as cnp
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memcpy, memset
 
 import numpy as np
+
+from service.arrays cimport (
+    dim0,
+    dim1,
+    f32_rows,
+    f32_rows_out,
+    flags,
+    flags_out,
+    i32,
+    i64,
+    i64_out,
+    u64,
+    u64_out,
+)
+
+cnp.import_array()
 
 from google.protobuf.message import DecodeError
 
@@ -129,28 +146,33 @@ cdef class StepRequestWire:
         gets a zero row and its problem.
         """
         cdef Py_ssize_t n = len(self.session_ids), i
+        cdef cnp.npy_intp dims[2]
         if self.columnar:
             self._check_batch(n, size)
-            return (
-                np.frombuffer(self.data, "<f4", n * size, self.values_at).reshape(n, size),
-                None,
-            )
+            dims[0] = n
+            dims[1] = size
+            view = cnp.PyArray_SimpleNewFromData(
+                2, dims, cnp.NPY_FLOAT32, PyBytes_AS_STRING(self.data) + self.values_at
+            )  # what frombuffer(...).reshape(n, size) makes, in one call
+            cnp.PyArray_CLEARFLAGS(<cnp.ndarray>view, cnp.NPY_ARRAY_WRITEABLE)
+            cnp.set_array_base(<cnp.ndarray>view, self.data)
+            return view, None
         out = np.empty((n, size), np.float32)
         if n == 0:
             return out, None
-        cdef float[:, ::1] rows = out
-        cdef const int64_t[:] at = self.value_at
-        cdef const int64_t[:] count = self.value_count
+        cdef float* rows = f32_rows_out(out)
+        cdef const int64_t* at = i64(self.value_at)
+        cdef const int64_t* count = i64(self.value_count)
         cdef const uint8_t* buf = <const uint8_t*>PyBytes_AS_STRING(self.data)
         cdef bint all_fit = True
         with nogil:
             for i in range(n):
                 if count[i] == size:
-                    memcpy(&rows[i, 0], buf + at[i], 4 * size)
+                    memcpy(rows + i * size, buf + at[i], 4 * size)
                 else:
                     all_fit = False
                     if size:
-                        memset(&rows[i, 0], 0, 4 * size)
+                        memset(rows + i * size, 0, 4 * size)
         if all_fit:
             return out, None
         bad = {}
@@ -294,7 +316,7 @@ cdef bint _read_batch(StepRequestWire req, const uint8_t* buf, Py_ssize_t at, Py
 cdef object _varints(const uint8_t* p, Py_ssize_t size, Py_ssize_t n):
     """A packed field's ``n`` varints as uint64 (None when one is longer than ten bytes)."""
     seq = np.empty(n, np.uint64)
-    cdef uint64_t[::1] out = seq
+    cdef uint64_t* out = u64_out(seq)
     cdef Reader r
     r.buf = p
     r.pos = 0
@@ -315,10 +337,10 @@ cdef bint _read_events(StepRequestWire req, const uint8_t* buf, list events):
     count_array = np.zeros(n, np.int64)
     seqs_array = np.zeros(n, np.uint64)
     resets_array = np.zeros(n, np.bool_)
-    cdef int64_t[::1] at = at_array
-    cdef int64_t[::1] count = count_array
-    cdef uint64_t[::1] seqs = seqs_array
-    cdef uint8_t[::1] resets = resets_array.view(np.uint8)
+    cdef int64_t* at = i64_out(at_array)
+    cdef int64_t* count = i64_out(count_array)
+    cdef uint64_t* seqs = u64_out(seqs_array)
+    cdef uint8_t* resets = flags_out(resets_array)
     cdef Reader r
     cdef uint64_t key, value, field, wire
     cdef Py_ssize_t start, length, id_start, id_length
@@ -427,26 +449,36 @@ cdef inline Py_ssize_t put_bytes(
 
 
 def encode_batch(
-    const uint64_t[::1] steps,
-    const float[:, ::1] outputs,
-    const int32_t[::1] codes,
+    object step_column,
+    object output_rows,
+    object code_column,
     object duplicate_flags,
     dict errors,
-    const uint64_t[::1] versions,
+    object version_column,
 ) -> bytes:
     """A ``StepResponse`` whose ``batch`` is the ``ResultBatch`` of n events, serialised.
 
     ``errors`` maps an event to its message (empty for the others); ``duplicate_flags``
     is a bool (or uint8) array.
     """
-    cdef const uint8_t[::1] duplicates = duplicate_flags.view(np.uint8)
-    cdef Py_ssize_t n = steps.shape[0], i, width = outputs.shape[1]
+    cdef const uint64_t* steps = u64(step_column)
+    cdef const float* outputs = f32_rows(output_rows)
+    cdef const int32_t* codes = i32(code_column)
+    cdef const uint8_t* duplicates = flags(duplicate_flags)
+    cdef const uint64_t* versions = u64(version_column)
+    cdef Py_ssize_t n = dim0(step_column), i
     cdef Py_ssize_t steps_len = 0, codes_len = 0, versions_len = 0, errors_len = 0
-    cdef Py_ssize_t out_len = 4 * n * width, body = 0, total, pos = 0
+    cdef Py_ssize_t out_len = 4 * n * dim1(output_rows), body = 0, total, pos = 0
     cdef list texts = None
     cdef const char* text
     cdef Py_ssize_t text_len
-    _same_length(n, outputs.shape[0], codes.shape[0], duplicates.shape[0], versions.shape[0])
+    _same_length(
+        n,
+        dim0(output_rows),
+        dim0(code_column),
+        dim0(duplicate_flags),
+        dim0(version_column),
+    )
     for i in range(n):
         steps_len += varint_size(steps[i])
         codes_len += varint_size(<uint64_t><int64_t>codes[i])
@@ -481,7 +513,7 @@ def encode_batch(
     if out_len:
         out[pos] = 0x12  # outputs = 2
         pos = put_varint(out, pos + 1, out_len)
-        pos = put_bytes(out, pos, &outputs[0, 0], out_len)
+        pos = put_bytes(out, pos, outputs, out_len)
     if n:
         out[pos] = 0x1A  # codes = 3, packed
         pos = put_varint(out, pos + 1, codes_len)
@@ -530,13 +562,13 @@ cdef enum:
 
 def encode_results(
     list session_ids,
-    const uint64_t[::1] seqs,
-    const uint64_t[::1] steps,
-    const float[:, ::1] outputs,
+    object seq_column,
+    object step_column,
+    object output_rows,
     object duplicate_flags,
     dict errors,
     list states,
-    const uint64_t[::1] versions,
+    object version_column,
 ) -> bytes:
     """A ``StepResponse`` with one ``Result`` per event, serialised.
 
@@ -546,17 +578,27 @@ def encode_results(
     message)}``) gets its code and message and no output or state. ``versions[i]``:
     the model version that answered event i (0: not sent).
     """
-    cdef const uint8_t[::1] duplicates = duplicate_flags.view(np.uint8)
-    cdef Py_ssize_t n = len(session_ids), i, k, width = outputs.shape[1], total = 0, pos
-    cdef Py_ssize_t n_states = len(states), body, id_len, entry_len
-    cdef bint has_seqs = seqs is not None
-    _same_length(n, steps.shape[0], outputs.shape[0], duplicates.shape[0], versions.shape[0])
+    cdef const uint64_t* steps = u64(step_column)
+    cdef const float* outputs = f32_rows(output_rows)
+    cdef const uint8_t* duplicates = flags(duplicate_flags)
+    cdef const uint64_t* versions = u64(version_column)
+    cdef bint has_seqs = seq_column is not None
+    cdef const uint64_t* seqs = u64(seq_column) if has_seqs else NULL
+    cdef Py_ssize_t n = len(session_ids), i, k, row_width = dim1(output_rows), total = 0, pos
+    cdef Py_ssize_t n_states = len(states), body, id_len, entry_len, state_width
+    _same_length(
+        n,
+        dim0(step_column),
+        dim0(output_rows),
+        dim0(duplicate_flags),
+        dim0(version_column),
+    )
     if has_seqs:
-        _same_length(n, seqs.shape[0])
+        _same_length(n, dim0(seq_column))
     cdef list ids = [None] * n
     cdef list heads = []  # per state: the bytes in front of a row's floats
     cdef list rows_of = []
-    cdef const float[:, ::1] rows
+    cdef const float* rows
     for _, state in states:
         _same_length(n, state.shape[0])
     ordered = sorted(states, key=lambda s: {"hidden": 0, "cell": 1}.get(s[0], 2))
@@ -586,8 +628,8 @@ def encode_results(
             body += 1 + varint_size(steps[i])
         failed = errors.get(i) if errors else None
         if failed is None:
-            if width:
-                body += 1 + varint_size(4 * width) + 4 * width
+            if row_width:
+                body += 1 + varint_size(4 * row_width) + 4 * row_width
             if duplicates[i]:
                 body += 2
             for k in range(n_states):
@@ -623,10 +665,10 @@ def encode_results(
             out[pos] = STEP
             pos = put_varint(out, pos + 1, steps[i])
         if texts[i] is None:
-            if width:
+            if row_width:
                 out[pos] = OUTPUT
-                pos = put_varint(out, pos + 1, 4 * width)
-                pos = put_bytes(out, pos, &outputs[i, 0], 4 * width)
+                pos = put_varint(out, pos + 1, 4 * row_width)
+                pos = put_bytes(out, pos, outputs + i * row_width, 4 * row_width)
             if duplicates[i]:
                 out[pos] = DUPLICATE
                 out[pos + 1] = 1
@@ -634,9 +676,10 @@ def encode_results(
             for k in range(n_states):
                 head = heads[k]
                 pos = put_bytes(out, pos, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
-                rows = rows_of[k]
-                if rows.shape[1]:
-                    pos = put_bytes(out, pos, &rows[i, 0], 4 * rows.shape[1])
+                state_width = dim1(rows_of[k])
+                if state_width:
+                    rows = f32_rows(rows_of[k])
+                    pos = put_bytes(out, pos, rows + i * state_width, 4 * state_width)
             if versions[i]:
                 out[pos] = MODEL_VERSION
                 pos = put_varint(out, pos + 1, versions[i])

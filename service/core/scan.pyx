@@ -6,7 +6,8 @@ looks its session up in a lane's index; ``first_per_row`` picks the earliest
 pending event of each row for a run.
 """
 
-from cpython.dict cimport PyDict_GetItem
+cimport numpy as cnp
+from cpython.dict cimport PyDict_GetItemWithError
 from cpython.object cimport PyObject
 from libc.math cimport isfinite
 from libc.stdint cimport int64_t, uint8_t, uint64_t
@@ -14,6 +15,22 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
 
 import numpy as np
+
+from service.arrays cimport (
+    dim0,
+    dim1,
+    f32_rows,
+    f32_rows_out,
+    f64_out,
+    flags,
+    flags_out,
+    i64,
+    i64_out,
+    u64,
+    u64_out,
+)
+
+cnp.import_array()
 
 
 cdef class Scanned:
@@ -60,15 +77,14 @@ def scan(list jobs, dict index, Py_ssize_t event_size):
     job_of = np.empty(n, np.int64)
     t0 = np.empty(n, np.float64)
     slots = np.empty(n, np.int64)
-    cdef uint64_t[::1] seq_col = seqs
-    cdef uint8_t[::1] reset_col = resets.view(np.uint8)
-    cdef int64_t[::1] job_col = job_of
-    cdef double[::1] t0_col = t0
-    cdef int64_t[::1] slot_col = slots
-    cdef float[:, ::1] value_rows
-    cdef const float[:, ::1] part
-    cdef const uint64_t[::1] part_seqs
-    cdef const uint8_t[::1] part_resets
+    cdef uint64_t* seq_col = u64_out(seqs)
+    cdef uint8_t* reset_col = flags_out(resets)
+    cdef int64_t* job_col = i64_out(job_of)
+    cdef double* t0_col = f64_out(t0)
+    cdef float* value_rows = f32_rows_out(values) if n_jobs > 1 else NULL
+    cdef const float* part
+    cdef const uint64_t* part_seqs
+    cdef const uint8_t* part_resets
     cdef double started
     out.bad = False
     out.asked = False
@@ -84,17 +100,21 @@ def scan(list jobs, dict index, Py_ssize_t event_size):
         if n_jobs > 1:
             out.session_ids.extend(block.session_ids)
             if count:
-                value_rows = values
-                part = block.values
-                memcpy(&value_rows[at, 0], &part[0, 0], 4 * count * event_size)
+                part = f32_rows(block.values)
+                if dim0(block.values) != count or dim1(block.values) != event_size:
+                    raise ValueError(
+                        f"a request's values are {dim0(block.values)} x "
+                        f"{dim1(block.values)}, not {count} x {event_size}"
+                    )
+                memcpy(value_rows + at * event_size, part, 4 * count * event_size)
         if block.seqs is not None:
-            part_seqs = block.seqs
+            part_seqs = u64(block.seqs)
             for i in range(count):
                 seq_col[at + i] = part_seqs[i]
         if block.resets is not None:
-            part_resets = block.resets.view(np.uint8)
+            part_resets = flags(block.resets)
             for i in range(count):
-                reset_col[at + i] = part_resets[i]
+                reset_col[at + i] = part_resets[i] != 0
         for i in range(count):
             job_col[at + i] = j
             t0_col[at + i] = started
@@ -106,17 +126,17 @@ def scan(list jobs, dict index, Py_ssize_t event_size):
     out.t0 = t0
     out.slots = slots
     out.not_finite = _not_finite(values)
-    out.unknown = _lookup(index, out.session_ids, slot_col)
+    out.unknown = _lookup(index, out.session_ids, i64_out(slots))
     return out
 
 
 cdef list _not_finite(object values):
-    cdef const float[:, ::1] rows = values
-    cdef Py_ssize_t n = rows.shape[0], e = rows.shape[1], i, k
+    cdef const float* rows = f32_rows(values)
+    cdef Py_ssize_t n = dim0(values), e = dim1(values), i, k
     cdef list found = None
     for i in range(n):
         for k in range(e):
-            if not isfinite(rows[i, k]):
+            if not isfinite(rows[i * e + k]):
                 if found is None:
                     found = []
                 found.append(i)
@@ -124,12 +144,12 @@ cdef list _not_finite(object values):
     return found
 
 
-cdef Py_ssize_t _lookup(dict index, list ids, int64_t[::1] slots):
+cdef Py_ssize_t _lookup(dict index, list ids, int64_t* slots) except -1:
     """Each id's row in ``index`` (-1: none); how many were not there."""
     cdef Py_ssize_t n = len(ids), i, unknown = 0
     cdef PyObject* row
     for i in range(n):
-        row = NULL if index is None else PyDict_GetItem(index, ids[i])
+        row = NULL if index is None else PyDict_GetItemWithError(index, ids[i])
         if row is NULL:
             slots[i] = -1
             unknown += 1
@@ -138,24 +158,29 @@ cdef Py_ssize_t _lookup(dict index, list ids, int64_t[::1] slots):
     return unknown
 
 
-def first_per_row(const int64_t[::1] slots, Py_ssize_t max_batch, int64_t[::1] marks):
+def first_per_row(object slots, Py_ssize_t max_batch, object marks):
     """Positions of the first event of each row in ``slots``, in order, at most ``max_batch``.
 
     ``marks`` is scratch with a cell per row, all -1 on entry and again on return.
     """
-    cdef Py_ssize_t n = slots.shape[0], i, taken = 0
+    cdef const int64_t* rows = i64(slots)
+    cdef int64_t* mark = i64_out(marks)
+    cdef Py_ssize_t n = dim0(slots), size = dim0(marks), i, taken = 0
+    for i in range(n):
+        if rows[i] < 0 or rows[i] >= size:
+            raise IndexError(f"row {rows[i]} outside {size} marks")
     picked = np.empty(min(n, max_batch), np.int64)
-    cdef int64_t[::1] out = picked
+    cdef int64_t* out = i64_out(picked)
     for i in range(n):
         if taken == max_batch:
             break
-        if marks[slots[i]] < 0:
-            marks[slots[i]] = i
+        if mark[rows[i]] < 0:
+            mark[rows[i]] = i
             out[taken] = i
             taken += 1
     for i in range(taken):
-        marks[slots[out[i]]] = -1
-    return picked[:taken]
+        mark[rows[out[i]]] = -1
+    return picked[:taken] if taken < dim0(picked) else picked
 
 
 def result_columns(Py_ssize_t n, Py_ssize_t output_size):
@@ -170,12 +195,15 @@ def result_columns(Py_ssize_t n, Py_ssize_t output_size):
     )
 
 
-def job_counts(const int64_t[::1] jobs):
+def job_counts(object jobs):
     """``[(job, how many of jobs are it), ...]`` for each job that occurs, by job number."""
-    cdef Py_ssize_t n = jobs.shape[0], i, top = -1
+    cdef const int64_t* of = i64(jobs)
+    cdef Py_ssize_t n = dim0(jobs), i, top = -1
     for i in range(n):
-        if jobs[i] > top:
-            top = jobs[i]
+        if of[i] < 0:
+            raise IndexError(f"job {of[i]}")
+        if of[i] > top:
+            top = of[i]
     if top < 0:
         return []
     cdef int64_t* counts = <int64_t*>calloc(top + 1, sizeof(int64_t))
@@ -183,7 +211,7 @@ def job_counts(const int64_t[::1] jobs):
         raise MemoryError()
     try:
         for i in range(n):
-            counts[jobs[i]] += 1
+            counts[of[i]] += 1
         return [(j, counts[j]) for j in range(top + 1) if counts[j]]
     finally:
         free(counts)

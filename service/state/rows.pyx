@@ -9,76 +9,105 @@ columns keep numpy's indexing). Slots are distinct where rows are written (one e
 per session per run).
 """
 
+cimport numpy as cnp
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy
 
 import numpy as np
 
+from service.arrays cimport dim0, dim1, f32_rows, f32_rows_out, f64_out, i64, u64, u64_out
 
-def take_rows(const float[:, ::1] table, const int64_t[::1] slots):
+cnp.import_array()
+
+
+cdef inline int64_t _row(const int64_t* slots, Py_ssize_t i, Py_ssize_t rows) except -1:
+    """``slots[i]``, checked against the table's rows (a bad slot is a bug, never a write)."""
+    cdef int64_t slot = slots[i]
+    if slot < 0 or slot >= rows:
+        raise IndexError(f"slot {slot} outside a table of {rows} rows")
+    return slot
+
+
+def take_rows(object table, object slots):
     """``table[slots]``: a new ``[n, k]`` float32 array."""
-    cdef Py_ssize_t n = slots.shape[0], k = table.shape[1], i
+    cdef const float* src = f32_rows(table)
+    cdef const int64_t* at = i64(slots)
+    cdef Py_ssize_t n = dim0(slots), k = dim1(table), rows = dim0(table), i
     out = np.empty((n, k), np.float32)
     if n == 0 or k == 0:
         return out
-    cdef float[:, ::1] rows = out
+    cdef float* dst = f32_rows_out(out)
     for i in range(n):
-        memcpy(&rows[i, 0], &table[slots[i], 0], k * sizeof(float))
+        memcpy(dst + i * k, src + _row(at, i, rows) * k, k * sizeof(float))
     return out
 
 
-def put_rows(float[:, ::1] table, const int64_t[::1] slots, const float[:, ::1] rows):
+def put_rows(object table, object slots, object rows):
     """``table[slots] = rows``."""
-    cdef Py_ssize_t n = slots.shape[0], k = table.shape[1], i
-    if rows.shape[0] != n or rows.shape[1] != k:
-        raise ValueError(f"{rows.shape[0]} x {rows.shape[1]} rows for {n} slots of width {k}")
+    cdef float* dst = f32_rows_out(table)
+    cdef const int64_t* at = i64(slots)
+    cdef const float* src = f32_rows(rows)
+    cdef Py_ssize_t n = dim0(slots), k = dim1(table), height = dim0(table), i
+    if dim0(rows) != n or dim1(rows) != k:
+        raise ValueError(f"{dim0(rows)} x {dim1(rows)} rows for {n} slots of width {k}")
+    for i in range(n):  # every slot checked before anything is written
+        _row(at, i, height)
     if k == 0:
         return
     for i in range(n):
-        memcpy(&table[slots[i], 0], &rows[i, 0], k * sizeof(float))
+        memcpy(dst + at[i] * k, src + i * k, k * sizeof(float))
 
 
-def advanced(
-    const uint64_t[::1] step, const uint64_t[::1] last_seq, const int64_t[::1] slots, seqs
-):
+def advanced(object step, object last_seq, object slots, object seqs):
     """The rows' ``step`` and ``last_seq`` once a run of one event each is applied:
     ``step + 1``, and the greater of ``last_seq`` and the event's seq (``seqs`` None:
     no event has one). Two new uint64 arrays."""
-    cdef Py_ssize_t n = slots.shape[0], i
+    cdef const uint64_t* steps_now = u64(step)
+    cdef const uint64_t* lasts_now = u64(last_seq)
+    cdef const int64_t* at = i64(slots)
+    cdef Py_ssize_t n = dim0(slots), rows = min(dim0(step), dim0(last_seq)), i
+    cdef int64_t slot
+    cdef const uint64_t* given = NULL
+    if seqs is not None:
+        given = u64(seqs)
+        if dim0(seqs) != n:
+            raise ValueError(f"{dim0(seqs)} seqs for {n} slots")
     new_step = np.empty(n, np.uint64)
     new_last = np.empty(n, np.uint64)
-    cdef uint64_t[::1] steps = new_step, lasts = new_last
-    cdef const uint64_t[::1] given
+    cdef uint64_t* steps = u64_out(new_step)
+    cdef uint64_t* lasts = u64_out(new_last)
     cdef uint64_t last
-    if seqs is None:
-        for i in range(n):
-            steps[i] = step[slots[i]] + 1
-            lasts[i] = last_seq[slots[i]]
-    else:
-        given = seqs
-        if given.shape[0] != n:
-            raise ValueError(f"{given.shape[0]} seqs for {n} slots")
-        for i in range(n):
-            steps[i] = step[slots[i]] + 1
-            last = last_seq[slots[i]]
-            lasts[i] = given[i] if given[i] > last else last
+    for i in range(n):
+        slot = _row(at, i, rows)
+        steps[i] = steps_now[slot] + 1
+        last = lasts_now[slot]
+        lasts[i] = given[i] if given != NULL and given[i] > last else last
     return new_step, new_last
 
 
 def put_counters(
-    uint64_t[::1] step,
-    uint64_t[::1] last_seq,
-    double[::1] updated,
-    const int64_t[::1] slots,
-    const uint64_t[::1] new_step,
-    const uint64_t[::1] new_last,
+    object step,
+    object last_seq,
+    object updated,
+    object slots,
+    object new_step,
+    object new_last,
     double now,
 ):
     """``step[slots] = new_step``, ``last_seq[slots] = new_last``, ``updated[slots] = now``."""
-    cdef Py_ssize_t n = slots.shape[0], i
-    if new_step.shape[0] != n or new_last.shape[0] != n:
-        raise ValueError(f"{new_step.shape[0]} steps, {new_last.shape[0]} seqs for {n} slots")
+    cdef uint64_t* steps = u64_out(step)
+    cdef uint64_t* lasts = u64_out(last_seq)
+    cdef double* times = f64_out(updated)
+    cdef const int64_t* at = i64(slots)
+    cdef const uint64_t* step_in = u64(new_step)
+    cdef const uint64_t* last_in = u64(new_last)
+    cdef Py_ssize_t n = dim0(slots), i
+    cdef Py_ssize_t rows = min(dim0(step), dim0(last_seq), dim0(updated))
+    if dim0(new_step) != n or dim0(new_last) != n:
+        raise ValueError(f"{dim0(new_step)} steps, {dim0(new_last)} seqs for {n} slots")
+    for i in range(n):  # every slot checked before anything is written
+        _row(at, i, rows)
     for i in range(n):
-        step[slots[i]] = new_step[i]
-        last_seq[slots[i]] = new_last[i]
-        updated[slots[i]] = now
+        steps[at[i]] = step_in[i]
+        lasts[at[i]] = last_in[i]
+        times[at[i]] = now
