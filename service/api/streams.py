@@ -67,12 +67,12 @@ class _Barrier(_Control):
 class _Stream:
     """One stream's requests in order, and which of its two tasks waits for what.
 
-    The writer waits on a future of its own only when it has nothing to write:
-    nothing is queued, or the oldest request is not answered yet. In the second
-    case, or when the reader queues a request into an empty queue, the request's
-    own future wakes the writer once it is answered: one wake-up per request, not
-    one to learn of the request and another for its answer. The reader waits only
-    when ``window`` requests are unanswered.
+    The writer waits on a future of its own only when nothing is queued; when the
+    oldest request is not answered yet, it awaits that request's own future. When
+    the reader queues a request into an empty queue, the request's future wakes
+    the writer once it is answered. Either way one wake-up per request, not one to
+    learn of the request and another for its answer. The reader waits only when
+    ``window`` requests are unanswered.
     """
 
     __slots__ = ("loop", "queue", "reader", "room", "writer", "writing")
@@ -190,10 +190,7 @@ class Streams:
                 if not isinstance(item, _Control):  # inline: once per request
                     future = item.job.future
                     if not future.done():
-                        waiting = stream.writer_waits()
-                        future.add_done_callback(stream.wake)
-                        await waiting
-                        continue
+                        await future  # its answer wakes the writer, no future of its own
                     queue.popleft()
                     await _send(context, await _answer(item, respond, refuse))
                     stream.answered()
