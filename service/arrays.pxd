@@ -91,3 +91,40 @@ cdef inline const float* f32_rows(object a) except? NULL:
 
 cdef inline float* f32_rows_out(object a) except? NULL:
     return <float*>_data(a, cnp.NPY_FLOAT32, 2, True)
+
+
+cdef inline char* any_rows(object a) except? NULL:
+    """A C-contiguous array's data, of any dtype and at least one dimension: rows along
+    the first axis, ``row_bytes(a)`` each."""
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"expected a numpy array, got {type(a).__name__}")
+    cdef cnp.ndarray array = <cnp.ndarray>a
+    if (
+        cnp.PyArray_NDIM(array) < 1
+        or not cnp.PyArray_IS_C_CONTIGUOUS(array)
+        or not cnp.PyArray_ISNOTSWAPPED(array)
+    ):
+        raise ValueError(f"expected a C-contiguous array of rows, got {a.dtype} {a.shape}")
+    return <char*>cnp.PyArray_DATA(array)
+
+
+cdef inline Py_ssize_t row_bytes(object a) noexcept:
+    """The bytes of one row (along the first axis) of an array ``any_rows`` accepted."""
+    cdef cnp.ndarray array = <cnp.ndarray>a
+    cdef Py_ssize_t size = cnp.PyArray_ITEMSIZE(array), d
+    for d in range(1, cnp.PyArray_NDIM(array)):
+        size *= cnp.PyArray_DIM(array, d)
+    return size
+
+
+cdef inline object empty_rows_like(object a, Py_ssize_t n):
+    """An uninitialised array of ``n`` rows shaped and typed as ``a``'s."""
+    cdef cnp.ndarray array = <cnp.ndarray>a
+    cdef cnp.npy_intp dims[8]
+    cdef int nd = cnp.PyArray_NDIM(array), d
+    if nd > 8:
+        raise ValueError(f"{nd} dimensions")
+    dims[0] = n
+    for d in range(1, nd):
+        dims[d] = cnp.PyArray_DIM(array, d)
+    return cnp.PyArray_EMPTY(nd, dims, cnp.PyArray_TYPE(array), 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.core.scan import first_per_row
+from service.core.scan import first_per_row, join_rows, split_rows
 
 Events = dict[str, np.ndarray]
 """Rows taken from a pool: one array per field of ``Pool.FIELDS``."""
@@ -56,13 +56,13 @@ class Pool:
         if not self.size:
             self._columns = new
         else:
-            self._columns = {name: np.concatenate((old[name], new[name])) for name in self.FIELDS}
+            self._columns = join_rows(old, new, self.FIELDS)
         self.size = self._columns["slots"].size
 
     def push_front(self, rows: Events) -> None:
         """Put rows taken earlier back before every other row (they stay the oldest)."""
         old = self._columns
-        self._columns = {name: np.concatenate((rows[name], old[name])) for name in self.FIELDS}
+        self._columns = join_rows(rows, old, self.FIELDS)
         self.size = self._columns["slots"].size
 
     def take(self, picked: np.ndarray) -> Events:
@@ -73,11 +73,9 @@ class Pool:
             self._columns = self._empty
             self.size = 0
             return columns
-        keep = np.ones(n, np.bool_)
-        keep[picked] = False
-        self._columns = {name: column[keep] for name, column in columns.items()}
+        taken, self._columns = split_rows(columns, picked, n)
         self.size = n - picked.size
-        return {name: column[picked] for name, column in columns.items()}
+        return taken
 
     def take_all(self) -> Events:
         return self.take(np.arange(len(self)))

@@ -3,7 +3,8 @@
 ``scan`` joins the queued requests of one model into the columns admission
 works on and, in the same pass, checks every event's values for NaN/Inf and
 looks its session up in a lane's index; ``first_per_row`` picks the earliest
-pending event of each row for a run.
+pending event of each row for a run, and ``split_rows``/``join_rows`` take those
+events out of the pool's columns and add new ones, a call for all the columns.
 """
 
 cimport numpy as cnp
@@ -17,8 +18,10 @@ from libc.string cimport memcpy
 import numpy as np
 
 from service.arrays cimport (
+    any_rows,
     dim0,
     dim1,
+    empty_rows_like,
     f32_rows,
     f32_rows_out,
     f64_out,
@@ -26,6 +29,7 @@ from service.arrays cimport (
     flags_out,
     i64,
     i64_out,
+    row_bytes,
     u64,
     u64_out,
 )
@@ -181,6 +185,84 @@ def first_per_row(object slots, Py_ssize_t max_batch, object marks):
     for i in range(taken):
         mark[rows[out[i]]] = -1
     return picked[:taken] if taken < dim0(picked) else picked
+
+
+def split_rows(dict columns, object picked, Py_ssize_t n):
+    """``({name: column[picked]}, {name: the other rows of column})`` for columns of ``n``
+    rows each (any dtype and width; ``picked``: sorted, distinct positions), in order.
+
+    One call for what took each column two fancy indexings and a mask (a pool's take).
+    """
+    cdef const int64_t* at = i64(picked)
+    cdef Py_ssize_t k = dim0(picked), i, p, start, size
+    cdef uint8_t* chosen = <uint8_t*>calloc(n if n else 1, 1)
+    if chosen is NULL:
+        raise MemoryError()
+    cdef char* src
+    cdef char* into_taken
+    cdef char* into_kept
+    cdef dict taken = {}, kept = {}
+    try:
+        for p in range(k):
+            if at[p] < 0 or at[p] >= n or (p and at[p] <= at[p - 1]):
+                raise IndexError(f"picked positions must be sorted, distinct and below {n}")
+            chosen[at[p]] = 1
+        for name, column in columns.items():
+            src = any_rows(column)
+            if dim0(column) != n:
+                raise ValueError(f"column {name!r} has {dim0(column)} rows, not {n}")
+            size = row_bytes(column)
+            taken_rows = empty_rows_like(column, k)
+            kept_rows = empty_rows_like(column, n - k)
+            into_taken = any_rows(taken_rows)
+            into_kept = any_rows(kept_rows)
+            start = 0
+            for i in range(1, n + 1):  # copy each stretch of rows going the same way at once
+                if i == n or chosen[i] != chosen[start]:
+                    if chosen[start]:
+                        memcpy(into_taken, src + start * size, (i - start) * size)
+                        into_taken += (i - start) * size
+                    else:
+                        memcpy(into_kept, src + start * size, (i - start) * size)
+                        into_kept += (i - start) * size
+                    start = i
+            taken[name] = taken_rows
+            kept[name] = kept_rows
+    finally:
+        free(chosen)
+    return taken, kept
+
+
+def join_rows(dict first, dict second, tuple names):
+    """``{name: concatenate((first[name], second[name]))}`` for each of ``names``."""
+    cdef dict out = {}
+    cdef Py_ssize_t a, b, size
+    cdef char* into
+    for name in names:
+        head = first[name]
+        tail = second[name]
+        any_rows(head)
+        any_rows(tail)
+        size = row_bytes(head)
+        if (
+            row_bytes(tail) != size
+            or not cnp.PyArray_EquivTypenums(
+                cnp.PyArray_TYPE(<cnp.ndarray>head), cnp.PyArray_TYPE(<cnp.ndarray>tail)
+            )
+        ):
+            raise ValueError(
+                f"column {name!r}: {tail.dtype} {tail.shape} after {head.dtype} {head.shape}"
+            )
+        a = dim0(head)
+        b = dim0(tail)
+        joined = empty_rows_like(head, a + b)
+        into = any_rows(joined)
+        if a:
+            memcpy(into, any_rows(head), a * size)
+        if b:
+            memcpy(into + a * size, any_rows(tail), b * size)
+        out[name] = joined
+    return out
 
 
 def result_columns(Py_ssize_t n, Py_ssize_t output_size):

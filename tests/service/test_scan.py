@@ -7,10 +7,11 @@ from bisect import bisect_left
 from itertools import groupby
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.core.scan import first_per_row, job_counts, scan, stretches
+from service.core.scan import first_per_row, job_counts, join_rows, scan, split_rows, stretches
 from service.core.types import EventBlock, Job
 from service.counts import add_at, add_elapsed, any_nonzero
 
@@ -46,6 +47,56 @@ def test_first_per_row_picks_the_first_event_of_each_row(slots: list[int], most:
             expected.append(i)
     assert got.tolist() == expected[:most]
     assert (marks == -1).all()  # ready for the next pick
+
+
+def _pool_columns(rng: np.random.Generator, n: int, width: int) -> dict[str, np.ndarray]:
+    """Columns of every kind a pool holds: int64, [n, E] float32, uint64, bool, float64."""
+    return {
+        "slots": rng.integers(0, 99, n).astype(np.int64),
+        "values": rng.standard_normal((n, width)).astype(np.float32),
+        "seqs": rng.integers(0, 2**63, n).astype(np.uint64),
+        "resets": rng.random(n) < 0.5,
+        "t0": rng.random(n),
+    }
+
+
+@given(st.integers(0, 30), st.integers(0, 5), st.data())
+def test_split_rows_is_numpys_fancy_indexing_and_its_complement(
+    n: int, width: int, data: st.DataObject
+) -> None:
+    columns = _pool_columns(np.random.default_rng(n * 7 + width), n, width)
+    mask = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    picked = np.flatnonzero(np.array(mask, np.bool_)).astype(np.int64)
+    taken, kept = split_rows(columns, picked, n)
+    keep = np.ones(n, np.bool_)
+    keep[picked] = False
+    for name, column in columns.items():
+        assert taken[name].dtype == column.dtype and kept[name].dtype == column.dtype
+        np.testing.assert_array_equal(taken[name], column[picked])
+        np.testing.assert_array_equal(kept[name], column[keep])
+
+
+@given(st.integers(0, 12), st.integers(0, 12), st.integers(0, 4))
+def test_join_rows_is_numpys_concatenate(a: int, b: int, width: int) -> None:
+    rng = np.random.default_rng(a * 100 + b * 10 + width)
+    first, second = _pool_columns(rng, a, width), _pool_columns(rng, b, width)
+    joined = join_rows(first, second, tuple(first))
+    for name in first:
+        expected = np.concatenate((first[name], second[name]))
+        assert joined[name].dtype == expected.dtype
+        np.testing.assert_array_equal(joined[name], expected)
+
+
+def test_split_and_join_refuse_what_they_cannot_copy() -> None:
+    columns = _pool_columns(np.random.default_rng(0), 4, 2)
+    for picked in ([2, 1], [1, 1], [4], [-1]):
+        with pytest.raises(IndexError, match="sorted, distinct and below 4"):
+            split_rows(columns, np.array(picked, np.int64), 4)
+    with pytest.raises(ValueError, match="has 4 rows, not 5"):
+        split_rows(columns, np.array([0], np.int64), 5)
+    other = dict(columns, values=columns["values"].astype(np.float64))
+    with pytest.raises(ValueError, match="column 'values'"):
+        join_rows(columns, other, tuple(columns))
 
 
 @given(
