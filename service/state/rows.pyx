@@ -2,11 +2,11 @@
 
 numpy's fancy indexing of a 2-D array (``table[slots]``, ``table[slots] = rows``) costs
 1.5-7 µs per call, most of it dispatch, several times per run; these copy each row
-with one memcpy (``timeit``: 0.6-3.6 µs). A run's counters (``step``, ``last_seq``,
-``updated``) are read and written in one call each, where numpy took three or four
-1-D operations (a single one of those is cheaper than a call here, so other 1-D
-columns keep numpy's indexing). Slots are distinct where rows are written (one event
-per session per run).
+with one memcpy (``timeit``: 0.3-2 µs, arrays read through ``service/arrays.pxd``).
+A run's counters (``step``, ``last_seq``, ``updated``) are read and written in one
+call each, where numpy took three or four 1-D operations (a single one of those is
+cheaper than a call here, so other 1-D columns keep numpy's indexing). Slots are
+distinct where rows are written (one event per session per run).
 """
 
 cimport numpy as cnp
