@@ -41,6 +41,18 @@ cdef inline Py_ssize_t dim1(object a) noexcept:
     return cnp.PyArray_DIM(<cnp.ndarray>a, 1)
 
 
+cdef inline Py_ssize_t first_outside(
+    const int64_t* at, Py_ssize_t n, Py_ssize_t size
+) noexcept nogil:
+    """The first of ``at[:n]`` that is not a row of ``size`` rows (-1: every one is): a
+    caller checks every row before it writes any, and names the row it refuses."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if at[i] < 0 or at[i] >= size:
+            return i
+    return -1
+
+
 cdef inline const int64_t* i64(object a) except? NULL:
     return <const int64_t*>_data(a, cnp.NPY_INT64, 1, False)
 

@@ -3,7 +3,7 @@
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t
 
-from service.arrays cimport _data, dim0, f64, i32_out, i64, i64_out
+from service.arrays cimport dim0, f64, first_outside, flags, i32_out, i64, i64_out, u64
 
 cnp.import_array()
 
@@ -13,9 +13,9 @@ def add_at(object counts, object rows, int32_t delta):
     cdef int32_t* cells = i32_out(counts)
     cdef const int64_t* at = i64(rows)
     cdef Py_ssize_t i, n = dim0(rows), size = dim0(counts)
-    for i in range(n):  # every row checked before anything is counted
-        if at[i] < 0 or at[i] >= size:
-            raise IndexError(f"row {at[i]} outside {size} counts")
+    cdef Py_ssize_t bad = first_outside(at, n, size)  # every row, before any is counted
+    if bad >= 0:
+        raise IndexError(f"row {at[bad]} outside {size} counts")
     for i in range(n):
         cells[at[i]] += delta
 
@@ -50,10 +50,10 @@ def any_nonzero(object array):
     cdef const uint8_t* raw
     cdef Py_ssize_t i, n
     if cnp.PyArray_Check(array) and cnp.PyArray_TYPE(<cnp.ndarray>array) == cnp.NPY_BOOL:
-        raw = <const uint8_t*>_data(array, cnp.NPY_BOOL, 1, False)
+        raw = flags(array)
         n = dim0(array)
     else:
-        raw = <const uint8_t*>_data(array, cnp.NPY_UINT64, 1, False)
+        raw = <const uint8_t*>u64(array)
         n = 8 * dim0(array)
     for i in range(n):
         if raw[i]:

@@ -25,6 +25,7 @@ from service.arrays cimport (
     f32_rows,
     f32_rows_out,
     f64_out,
+    first_outside,
     flags,
     flags_out,
     i64,
@@ -170,9 +171,9 @@ def first_per_row(object slots, Py_ssize_t max_batch, object marks):
     cdef const int64_t* rows = i64(slots)
     cdef int64_t* mark = i64_out(marks)
     cdef Py_ssize_t n = dim0(slots), size = dim0(marks), i, taken = 0
-    for i in range(n):
-        if rows[i] < 0 or rows[i] >= size:
-            raise IndexError(f"row {rows[i]} outside {size} marks")
+    cdef Py_ssize_t bad = first_outside(rows, n, size)
+    if bad >= 0:
+        raise IndexError(f"row {rows[bad]} outside {size} marks")
     picked = np.empty(min(n, max_batch), np.int64)
     cdef int64_t* out = i64_out(picked)
     for i in range(n):
@@ -238,11 +239,13 @@ def join_rows(dict first, dict second, tuple names):
     cdef dict out = {}
     cdef Py_ssize_t a, b, size
     cdef char* into
+    cdef char* from_head
+    cdef char* from_tail
     for name in names:
         head = first[name]
         tail = second[name]
-        any_rows(head)
-        any_rows(tail)
+        from_head = any_rows(head)
+        from_tail = any_rows(tail)
         size = row_bytes(head)
         if (
             row_bytes(tail) != size
@@ -258,9 +261,9 @@ def join_rows(dict first, dict second, tuple names):
         joined = empty_rows_like(head, a + b)
         into = any_rows(joined)
         if a:
-            memcpy(into, any_rows(head), a * size)
+            memcpy(into, from_head, a * size)
         if b:
-            memcpy(into + a * size, any_rows(tail), b * size)
+            memcpy(into + a * size, from_tail, b * size)
         out[name] = joined
     return out
 

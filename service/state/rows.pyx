@@ -15,17 +15,27 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from service.arrays cimport dim0, dim1, f32_rows, f32_rows_out, f64_out, i64, u64, u64_out
+from service.arrays cimport (
+    dim0,
+    dim1,
+    f32_rows,
+    f32_rows_out,
+    f64_out,
+    first_outside,
+    i64,
+    u64,
+    u64_out,
+)
 
 cnp.import_array()
 
 
-cdef inline int64_t _row(const int64_t* slots, Py_ssize_t i, Py_ssize_t rows) except -1:
-    """``slots[i]``, checked against the table's rows (a bad slot is a bug, never a write)."""
-    cdef int64_t slot = slots[i]
-    if slot < 0 or slot >= rows:
-        raise IndexError(f"slot {slot} outside a table of {rows} rows")
-    return slot
+cdef inline int _check_slots(const int64_t* slots, Py_ssize_t n, Py_ssize_t rows) except -1:
+    """Every slot is a row of the table: a bad slot is a bug, raised before any write."""
+    cdef Py_ssize_t bad = first_outside(slots, n, rows)
+    if bad >= 0:
+        raise IndexError(f"slot {slots[bad]} outside a table of {rows} rows")
+    return 0
 
 
 def take_rows(object table, object slots):
@@ -33,12 +43,13 @@ def take_rows(object table, object slots):
     cdef const float* src = f32_rows(table)
     cdef const int64_t* at = i64(slots)
     cdef Py_ssize_t n = dim0(slots), k = dim1(table), rows = dim0(table), i
+    _check_slots(at, n, rows)
     out = np.empty((n, k), np.float32)
     if n == 0 or k == 0:
         return out
     cdef float* dst = f32_rows_out(out)
     for i in range(n):
-        memcpy(dst + i * k, src + _row(at, i, rows) * k, k * sizeof(float))
+        memcpy(dst + i * k, src + at[i] * k, k * sizeof(float))
     return out
 
 
@@ -50,8 +61,7 @@ def put_rows(object table, object slots, object rows):
     cdef Py_ssize_t n = dim0(slots), k = dim1(table), height = dim0(table), i
     if dim0(rows) != n or dim1(rows) != k:
         raise ValueError(f"{dim0(rows)} x {dim1(rows)} rows for {n} slots of width {k}")
-    for i in range(n):  # every slot checked before anything is written
-        _row(at, i, height)
+    _check_slots(at, n, height)
     if k == 0:
         return
     for i in range(n):
@@ -65,7 +75,8 @@ def advanced(object step, object last_seq, object slots, object seqs):
     cdef const uint64_t* steps_now = u64(step)
     cdef const uint64_t* lasts_now = u64(last_seq)
     cdef const int64_t* at = i64(slots)
-    cdef Py_ssize_t n = dim0(slots), rows = min(dim0(step), dim0(last_seq)), i
+    cdef Py_ssize_t n = dim0(slots), i
+    _check_slots(at, n, min(dim0(step), dim0(last_seq)))
     cdef int64_t slot
     cdef const uint64_t* given = NULL
     if seqs is not None:
@@ -78,7 +89,7 @@ def advanced(object step, object last_seq, object slots, object seqs):
     cdef uint64_t* lasts = u64_out(new_last)
     cdef uint64_t last
     for i in range(n):
-        slot = _row(at, i, rows)
+        slot = at[i]
         steps[i] = steps_now[slot] + 1
         last = lasts_now[slot]
         lasts[i] = given[i] if given != NULL and given[i] > last else last
@@ -105,8 +116,7 @@ def put_counters(
     cdef Py_ssize_t rows = min(dim0(step), dim0(last_seq), dim0(updated))
     if dim0(new_step) != n or dim0(new_last) != n:
         raise ValueError(f"{dim0(new_step)} steps, {dim0(new_last)} seqs for {n} slots")
-    for i in range(n):  # every slot checked before anything is written
-        _row(at, i, rows)
+    _check_slots(at, n, rows)
     for i in range(n):
         steps[at[i]] = step_in[i]
         lasts[at[i]] = last_in[i]
