@@ -591,6 +591,12 @@ class Client:
                             batch = handed.pop() if handed else next(source)
                             ids, values, *extra = batch
                             self._prepare(ids)
+                            with switching:
+                                if mine != current[0]:
+                                    handed.append(batch)
+                                    return
+                                request = self.core.request(ids, values, *_resets_seqs(extra))
+                                pending.append(request)
                         except StopIteration:
                             exhausted = True
                             return
@@ -598,17 +604,6 @@ class Client:
                             failure.append(exc)
                             exhausted = True
                             return
-                        with switching:
-                            if mine != current[0]:
-                                handed.append(batch)
-                                return
-                            try:
-                                request = self.core.request(ids, values, *_resets_seqs(extra))
-                            except Exception as exc:
-                                failure.append(exc)
-                                exhausted = True
-                                return
-                            pending.append(request)
                     yield request.message
 
             call = self.stub.StreamSteps(requests(), metadata=metadata)
@@ -869,16 +864,12 @@ class AsyncClient:
         one cannot be sent (the error is put in ``failure``)."""
         try:
             batch = handed.pop() if handed else next(source)
-        except StopIteration:
-            return None
-        except Exception as exc:
-            failure.append(exc)
-            return None
-        try:
             ids, values, *extra = batch
             await self._prepare(ids)
             return self.core.request(ids, values, *_resets_seqs(extra))
-        except asyncio.CancelledError:
+        except StopIteration:
+            return None
+        except asyncio.CancelledError:  # only _prepare awaits: the batch is read by then
             handed.append(batch)  # the stream broke: the next one sends it
             raise
         except Exception as exc:
